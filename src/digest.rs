@@ -1,0 +1,384 @@
+//! Content digests: the typed `sha256:<hex>` identifier of every blob.
+//!
+//! Implements the digest grammar of the OCI image spec
+//! (<https://github.com/opencontainers/image-spec/blob/main/descriptor.md#digests>) for the one
+//! algorithm registries require, sha256. Digests are never passed around as `&str`.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest as _, Sha256};
+
+/// Errors from parsing or verifying digests.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    /// The text is not `sha256:` followed by 64 lowercase hex digits.
+    #[error("invalid digest {text:?}: {why}")]
+    Invalid {
+        /// The offending text.
+        text: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Content did not hash to the digest it was expected to have.
+    #[error("digest mismatch: expected {expected}, found {found}")]
+    Mismatch {
+        /// The digest the content should have had.
+        expected: Digest,
+        /// The digest the content actually had.
+        found: Digest,
+    },
+    /// Content was longer or shorter than its descriptor said.
+    #[error("size mismatch for {digest}: expected {expected} bytes, found {found}")]
+    SizeMismatch {
+        /// Which blob.
+        digest: Digest,
+        /// The size the descriptor gave.
+        expected: u64,
+        /// The size actually read (or at least this many bytes, when too long).
+        found: u64,
+    },
+}
+
+/// A sha256 content digest, displayed and serialised as `sha256:<64 hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// The 64 lowercase hex digits, without the algorithm prefix.
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from_digit(u32::from(b >> 4), 16).expect("nibble < 16"));
+            s.push(char::from_digit(u32::from(b & 0xf), 16).expect("nibble < 16"));
+        }
+        s
+    }
+
+    /// The algorithm name, always `sha256`.
+    pub fn algorithm(&self) -> &'static str {
+        "sha256"
+    }
+
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A short form for humans: the first 12 hex digits.
+    pub fn short(&self) -> String {
+        self.hex()[..12].to_string()
+    }
+
+    /// Parse a bare 64-digit hex string (as found in a blob file name).
+    pub fn from_hex(hex: &str) -> Result<Digest, DigestError> {
+        let invalid = |why| DigestError::Invalid {
+            text: hex.to_string(),
+            why,
+        };
+        if hex.len() != 64 {
+            return Err(invalid("sha256 digests have 64 hex digits"));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+            let nib = |c: u8| match c {
+                b'0'..=b'9' => Ok(c - b'0'),
+                b'a'..=b'f' => Ok(c - b'a' + 10),
+                _ => Err(invalid("hex digits must be 0-9 or a-f (lowercase)")),
+            };
+            out[i] = (nib(pair[0])? << 4) | nib(pair[1])?;
+        }
+        Ok(Digest(out))
+    }
+
+    /// Check that `bytes` hash to this digest.
+    pub fn verify(&self, bytes: &[u8]) -> Result<(), DigestError> {
+        let found = Digest::of(bytes);
+        if found == *self {
+            Ok(())
+        } else {
+            Err(DigestError::Mismatch {
+                expected: *self,
+                found,
+            })
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+    fn from_str(s: &str) -> Result<Digest, DigestError> {
+        match s.split_once(':') {
+            Some(("sha256", hex)) => Digest::from_hex(hex).map_err(|e| match e {
+                DigestError::Invalid { why, .. } => DigestError::Invalid {
+                    text: s.to_string(),
+                    why,
+                },
+                other => other,
+            }),
+            Some((_, _)) => Err(DigestError::Invalid {
+                text: s.to_string(),
+                why: "only sha256 digests are supported",
+            }),
+            None => Err(DigestError::Invalid {
+                text: s.to_string(),
+                why: "expected sha256:<hex>",
+            }),
+        }
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<Digest> for oci_spec::image::Digest {
+    fn from(d: Digest) -> Self {
+        oci_spec::image::Digest::from_str(&d.to_string()).expect("a Digest is always valid OCI")
+    }
+}
+
+impl TryFrom<&oci_spec::image::Digest> for Digest {
+    type Error = DigestError;
+    fn try_from(d: &oci_spec::image::Digest) -> Result<Self, DigestError> {
+        d.to_string().parse()
+    }
+}
+
+/// An incremental sha256 that also counts bytes.
+#[derive(Clone, Default)]
+pub struct Hasher {
+    inner: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    /// A fresh hasher.
+    pub fn new() -> Hasher {
+        Hasher::default()
+    }
+    /// Feed bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.inner.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        Digest(self.inner.finalize().into())
+    }
+}
+
+/// A writer that hashes and counts everything passing through to `inner`.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: Write> HashingWriter<W> {
+    /// Wrap `inner`.
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Hasher::new(),
+        }
+    }
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.hasher.len()
+    }
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.hasher.is_empty()
+    }
+    /// The inner writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+    /// The digest and size of what was written, and the inner writer.
+    pub fn finish(self) -> (Digest, u64, W) {
+        let len = self.hasher.len();
+        (self.hasher.finish(), len, self.inner)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that refuses content whose size or digest differ from what was expected.
+///
+/// Reading past `size` bytes, or hitting end of stream with the wrong digest or too few
+/// bytes, returns an `InvalidData` error wrapping a [`DigestError`]; a caller that streams into
+/// a temp file therefore never commits bad content.
+pub struct VerifyingReader<R> {
+    inner: R,
+    expected: Digest,
+    size: u64,
+    hasher: Hasher,
+    done: bool,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    /// Expect exactly `size` bytes hashing to `expected`.
+    pub fn new(inner: R, expected: Digest, size: u64) -> Self {
+        VerifyingReader {
+            inner,
+            expected,
+            size,
+            hasher: Hasher::new(),
+            done: false,
+        }
+    }
+}
+
+fn invalid(e: DigestError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let remaining = self.size - self.hasher.len();
+        // Read one byte beyond the expected size so an over-long stream is detected.
+        let want = buf.len().min(usize::try_from(remaining + 1).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > remaining {
+            return Err(invalid(DigestError::SizeMismatch {
+                digest: self.expected,
+                expected: self.size,
+                found: self.hasher.len() + n as u64,
+            }));
+        }
+        self.hasher.update(&buf[..n]);
+        if n == 0 {
+            self.done = true;
+            if self.hasher.len() != self.size {
+                return Err(invalid(DigestError::SizeMismatch {
+                    digest: self.expected,
+                    expected: self.size,
+                    found: self.hasher.len(),
+                }));
+            }
+            let found = self.hasher.clone().finish();
+            if found != self.expected {
+                return Err(invalid(DigestError::Mismatch {
+                    expected: self.expected,
+                    found,
+                }));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn parse_and_display_round_trip() {
+        let d: Digest = EMPTY.parse().unwrap();
+        assert_eq!(d.to_string(), EMPTY);
+        assert_eq!(d, Digest::of(b""));
+        assert_eq!(d.short(), "e3b0c44298fc");
+    }
+
+    #[test]
+    fn rejects_bad_digests() {
+        for bad in [
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "sha512:e3b0",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "sha256:e3b0",
+            "sha256:g3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn verifying_reader_accepts_good_and_refuses_bad() {
+        let data = b"hello world".to_vec();
+        let d = Digest::of(&data);
+        let mut out = Vec::new();
+        VerifyingReader::new(&data[..], d, 11)
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, data);
+
+        let mut tampered = data.clone();
+        tampered[0] = b'H';
+        let err = VerifyingReader::new(&tampered[..], d, 11)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+
+        let err = VerifyingReader::new(&data[..5], d, 11)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("size mismatch"), "{err}");
+
+        let long = b"hello world!!".to_vec();
+        let err = VerifyingReader::new(&long[..], d, 11)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("size mismatch"), "{err}");
+    }
+
+    #[test]
+    fn hashing_writer_counts_and_hashes() {
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"abc").unwrap();
+        let (d, n, inner) = w.finish();
+        assert_eq!(n, 3);
+        assert_eq!(inner, b"abc");
+        assert_eq!(d, Digest::of(b"abc"));
+    }
+}

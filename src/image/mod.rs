@@ -1,0 +1,1 @@
+//! image (under construction).
