@@ -1,1 +1,7 @@
-fn main() {}
+//! The `strata` binary: parse arguments, run, print errors as one clear message.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    strata::cli::main()
+}
