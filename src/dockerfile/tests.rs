@@ -430,3 +430,28 @@ fn durations_like_go() {
     assert!(parse_duration("1x").is_err());
     assert!(parse_duration(".s").is_err());
 }
+
+#[test]
+fn crlf_bom_and_comments_in_continuations() {
+    let text = "\u{feff}FROM a\r\nRUN echo a \\\r\n  # a comment\r\n\r\n  b\r\nCOPY <<EOF /x\r\nhi\r\nEOF\r\n";
+    let df = parse(text, "Dockerfile").unwrap();
+    assert_eq!(df.steps.len(), 3);
+    assert_eq!(df.steps[1].node.original, "RUN echo a   b");
+    assert_eq!(
+        (df.steps[1].node.start_line, df.steps[1].node.end_line),
+        (2, 5)
+    );
+    let Instruction::Copy(c) = &df.steps[2].instruction else {
+        panic!()
+    };
+    assert_eq!(c.heredocs[0].content, "hi\r\n");
+    let win = parse("# escape=`\nFROM a\nRUN dir c:\\ `\n  /s\n", "Dockerfile").unwrap();
+    assert_eq!(
+        win.steps[1].instruction,
+        Instruction::Run(Run {
+            command: CommandForm::Shell("dir c:\\   /s".into()),
+            heredocs: vec![],
+            flags: RunFlags::default(),
+        })
+    );
+}
