@@ -413,6 +413,21 @@ mod tests {
     }
 
     #[test]
+    fn non_utf8_names_keep_their_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"bad\xff.log");
+        fs_err::write(tmp.path().join(name), "x").unwrap();
+        write(tmp.path(), "good.txt", "x", 0o644);
+        let ctx = LocalContext::open(tmp.path()).unwrap();
+        let all = ctx.entries(&Dockerignore::empty()).unwrap();
+        assert_eq!(all[0].path.as_os_str(), name);
+        let ignore = Dockerignore::parse("*.log\n").unwrap();
+        let kept = ctx.entries(&ignore).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].path, Path::new("good.txt"));
+    }
+
+    #[test]
     fn link_keys_differ_per_inode() {
         assert_ne!(link_key(1, 2), link_key(1, 3));
         assert_ne!(link_key(1, 2), link_key(2, 2));
