@@ -285,7 +285,9 @@ impl<R: Read> Read for VerifyingReader<R> {
         }
         let remaining = self.size - self.hasher.len();
         // Read one byte beyond the expected size so an over-long stream is detected.
-        let want = buf.len().min(usize::try_from(remaining + 1).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(remaining + 1).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n as u64 > remaining {
             return Err(invalid(DigestError::SizeMismatch {

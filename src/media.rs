@@ -309,7 +309,8 @@ impl FromStr for Platform {
     type Err = String;
     fn from_str(s: &str) -> Result<Platform, String> {
         let parts: Vec<&str> = s.split('/').collect();
-        let bad = || format!("invalid platform {s:?} (expected OS/ARCH[/VARIANT], e.g. linux/amd64)");
+        let bad =
+            || format!("invalid platform {s:?} (expected OS/ARCH[/VARIANT], e.g. linux/amd64)");
         if parts.iter().any(|p| p.is_empty()) {
             return Err(bad());
         }
