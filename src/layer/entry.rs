@@ -70,3 +70,87 @@ impl Entry {
         matches!(self.kind, EntryKind::Dir)
     }
 }
+
+impl Entry {
+    /// A regular file entry with no hardlink group.
+    pub fn file(
+        path: impl Into<PathBuf>,
+        source: FileSource,
+        size: u64,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+    ) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::File {
+                source,
+                size,
+                link_key: None,
+            },
+            mode,
+            uid,
+            gid,
+        }
+    }
+
+    /// A regular file entry holding `bytes` in memory.
+    pub fn bytes(path: impl Into<PathBuf>, bytes: &[u8], mode: u32, uid: u64, gid: u64) -> Entry {
+        let size = bytes.len() as u64;
+        Entry::file(path, FileSource::Bytes(bytes.into()), size, mode, uid, gid)
+    }
+
+    /// A symbolic link entry (symlink modes are conventionally `0o777`).
+    pub fn symlink(
+        path: impl Into<PathBuf>,
+        target: impl Into<PathBuf>,
+        uid: u64,
+        gid: u64,
+    ) -> Entry {
+        Entry {
+            path: path.into(),
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+            mode: 0o777,
+            uid,
+            gid,
+        }
+    }
+
+    /// This entry with its file put in hardlink group `key` (no effect on non-files).
+    pub fn with_link_key(mut self, key: u64) -> Entry {
+        if let EntryKind::File { link_key, .. } = &mut self.kind {
+            *link_key = Some(key);
+        }
+        self
+    }
+}
+
+/// Check that `path` is a clean relative path as [`Entry::path`] requires, and return its bytes.
+pub(crate) fn check_path(path: &std::path::Path) -> Result<&[u8], super::LayerError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let invalid = |why| super::LayerError::InvalidPath {
+        path: path.to_string_lossy().into_owned(),
+        why,
+    };
+    if bytes.is_empty() {
+        return Err(invalid("empty path"));
+    }
+    if bytes.contains(&0) {
+        return Err(invalid("contains a NUL byte"));
+    }
+    if bytes[0] == b'/' {
+        return Err(invalid("absolute path"));
+    }
+    for comp in bytes.split(|&b| b == b'/') {
+        match comp {
+            b"" => return Err(invalid("empty component (double or trailing slash)")),
+            b"." => return Err(invalid("`.` component")),
+            b".." => return Err(invalid("`..` component")),
+            _ => {}
+        }
+    }
+    Ok(bytes)
+}
