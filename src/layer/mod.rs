@@ -12,6 +12,7 @@ use std::io;
 use std::path::PathBuf;
 
 mod entry;
+mod pgzip;
 mod read;
 mod tar;
 mod tree;

@@ -17,6 +17,7 @@ use crate::digest::{Digest, HashingWriter};
 use crate::media::Compression;
 
 use super::entry::check_path;
+use super::pgzip::ParGzEncoder;
 use super::{Entry, EntryKind, FileSource, LayerError, Result};
 
 const BLOCK: usize = 512;
@@ -49,9 +50,10 @@ pub struct LayerStats {
 ///   appear only for values ustar cannot hold (long names, sizes of 8 GiB and more, large ids).
 /// - files sharing a `link_key` are stored once, under the first path in sort order, and the
 ///   others become hardlinks to it.
-/// - gzip headers carry no name, mtime 0 and a fixed OS byte; zstd always runs in
-///   multi-threaded mode (its single-threaded output differs, and the multi-threaded output does
-///   not depend on the number of workers).
+/// - gzip is written pigz-style (fixed-size blocks compressed in parallel, each primed with the
+///   previous 32 KiB, in one member whose header has no name, mtime 0 and a fixed OS byte);
+///   zstd always runs in multi-threaded mode (its single-threaded output differs, and the
+///   multi-threaded output does not depend on the number of workers).
 #[derive(Clone, Debug)]
 pub struct LayerWriter {
     compression: Compression,
@@ -164,11 +166,12 @@ impl LayerWriter {
                         level,
                     },
                 )?;
-                let gz = flate2::GzBuilder::new()
-                    .operating_system(GZIP_OS)
-                    .mtime(0)
-                    .write(out, flate2::Compression::new(level));
-                Ok(Encoder::Gzip(gz))
+                Ok(Encoder::Gzip(ParGzEncoder::new(
+                    out,
+                    level,
+                    self.threads,
+                    GZIP_OS,
+                )?))
             }
             Compression::Zstd => {
                 let level = self.level.unwrap_or(3);
@@ -412,7 +415,7 @@ fn octal(field: &mut [u8], value: u64) {
 /// The compressor under the hashing writer.
 enum Encoder<W: Write> {
     None(W),
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(ParGzEncoder<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 

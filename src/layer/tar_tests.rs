@@ -409,4 +409,27 @@ fn gnu_tar_lists_the_layer() {
     let deep = x.join(long_dir()).join("f".repeat(120));
     assert_eq!(std::fs::read(deep).unwrap(), b"deep");
     assert!(Path::new(&x.join("bin/su")).is_file());
+    // The parallel gzip and zstd outputs are readable by the real tools too.
+    for (c, flag) in [(Compression::Gzip, "-tzf"), (Compression::Zstd, "--zstd")] {
+        let w = LayerWriter::new().compression(c).threads(3);
+        let (_, blob) = write(&w, sample());
+        let f = dir.path().join("layer.blob");
+        std::fs::write(&f, &blob).unwrap();
+        let mut cmd = Command::new("tar");
+        if flag == "--zstd" {
+            cmd.args(["--zstd", "-tf"]);
+        } else {
+            cmd.arg(flag);
+        }
+        let out = cmd.arg(&f).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            sample().len()
+        );
+    }
 }
