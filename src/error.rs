@@ -6,6 +6,24 @@ pub enum Error {
     /// A digest was malformed or content did not match it.
     #[error(transparent)]
     Digest(#[from] crate::digest::DigestError),
+    /// The Dockerfile is malformed.
+    #[error(transparent)]
+    Dockerfile(#[from] crate::dockerfile::DockerfileError),
+    /// Reading the build context failed.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    /// Writing or reading a layer failed.
+    #[error(transparent)]
+    Layer(#[from] crate::layer::LayerError),
+    /// Image metadata is malformed.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A build failed.
+    #[error(transparent)]
+    Build(#[from] crate::build::BuildError),
     /// An I/O error (fs-err errors name their path).
     #[error(transparent)]
     Io(#[from] std::io::Error),

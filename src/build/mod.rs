@@ -1,1 +1,376 @@
-//! build (under construction).
+//! The plan executor: runs a parsed Dockerfile's stages against the local store and produces
+//! an image whose every byte is a function of its inputs.
+//!
+//! Inputs are passed in by the caller (the CLI reads environment, clock and flags): context
+//! directory, Dockerfile text, build args, SOURCE_DATE_EPOCH, platform, compression. Only the
+//! stages the target needs are built. Layers go straight from the tar writer into the store
+//! (one pass: diff_id, compression, blob digest); the image is tagged only after every blob
+//! is stored.
+
+mod copy;
+mod stage;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::digest::Digest;
+use crate::dockerfile::{self, Dockerfile, DockerfileError, Instruction, Stages};
+use crate::image::Image;
+use crate::layer::{FsTree, LayerError};
+use crate::media::{Compression, Descriptor, Platform};
+use crate::source::{Dockerignore, LocalContext, SourceError};
+use crate::store::{ImageName, Store, StoreError};
+
+use stage::{StageState, execute_stage};
+
+/// Build arguments every Dockerfile may receive without declaring them (BuildKit's
+/// predefined ARGs); giving any other undeclared `--build-arg` is an error.
+const PREDEFINED_ARGS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "SOURCE_DATE_EPOCH",
+];
+
+/// Everything a build depends on, decided by the caller.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The context directory.
+    pub context: PathBuf,
+    /// The Dockerfile's path (for `.dockerignore` lookup beside it).
+    pub dockerfile_path: PathBuf,
+    /// The Dockerfile's name for messages (`Dockerfile`, `App/Dockerfile`).
+    pub dockerfile_name: String,
+    /// The Dockerfile text.
+    pub dockerfile: String,
+    /// `--build-arg` values.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target` stage.
+    pub target: Option<String>,
+    /// `--label` values, applied to the final image.
+    pub labels: BTreeMap<String, String>,
+    /// Target platform.
+    pub platform: Platform,
+    /// Layer compression.
+    pub compression: Compression,
+    /// Compression level (`None`: the algorithm's default).
+    pub compression_level: Option<i32>,
+    /// SOURCE_DATE_EPOCH: every timestamp in the image.
+    pub source_date_epoch: i64,
+    /// Worker threads for compression (output does not depend on it).
+    pub threads: u32,
+    /// Names to tag the result with.
+    pub tags: Vec<ImageName>,
+}
+
+/// Progress of a build, for the CLI to render.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A step starts.
+    Step {
+        /// Sequence number (1-based) across the build.
+        id: usize,
+        /// Stage name (or index).
+        stage: String,
+        /// Position within the stage (1-based, the FROM is 1).
+        index: usize,
+        /// Number of steps in the stage.
+        total: usize,
+        /// The instruction as written.
+        text: String,
+    },
+    /// A step finished.
+    StepDone {
+        /// Sequence number.
+        id: usize,
+        /// The layer it made, if any.
+        layer: Option<Descriptor>,
+        /// Wall time in milliseconds.
+        millis: u64,
+    },
+    /// Something the user should know.
+    Warning(String),
+}
+
+/// What a build produced.
+#[derive(Clone, Debug)]
+pub struct BuildOutput {
+    /// The image.
+    pub image: Image,
+    /// Its manifest digest.
+    pub digest: Digest,
+}
+
+/// Errors of a build.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile is malformed, or a step failed (located at its line).
+    #[error(transparent)]
+    Dockerfile(#[from] DockerfileError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the context failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Writing or reading a layer failed.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// A problem with the build as a whole (target, build args).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Shared state of one build.
+pub(crate) struct Ctx<'a> {
+    pub store: &'a Store,
+    pub opts: &'a BuildOptions,
+    pub df: &'a Dockerfile,
+    pub events: &'a mut dyn FnMut(Event),
+    pub step_id: usize,
+    pub work: tempfile::TempDir,
+    context_tree: Option<FsTree>,
+    /// Global ARG values (after FROM-scope expansion), for FROM lines and in-stage `ARG X`.
+    pub global_args: BTreeMap<String, Option<String>>,
+    /// Images named by `COPY --from=<image>`, loaded once.
+    pub images: HashMap<String, StageState>,
+}
+
+impl Ctx<'_> {
+    /// The build context as a tree (walked once, honouring .dockerignore).
+    pub fn context_tree(&mut self) -> Result<&FsTree, BuildError> {
+        if self.context_tree.is_none() {
+            let ctx = LocalContext::open(&self.opts.context)?;
+            let ignore = Dockerignore::load(ctx.context_dir(), &self.opts.dockerfile_path)?;
+            let mut tree = FsTree::new();
+            tree.apply_entries(&ctx.entries(&ignore)?)?;
+            self.context_tree = Some(tree);
+        }
+        Ok(self.context_tree.as_ref().expect("set above"))
+    }
+
+    /// A fresh spool directory for unpacked file content, removed with the build.
+    pub fn spool_dir(&self) -> Result<PathBuf, BuildError> {
+        let dir = tempfile::Builder::new()
+            .prefix("spool-")
+            .tempdir_in(self.work.path())
+            .map_err(|e| StoreError::Io(e))?;
+        Ok(dir.keep())
+    }
+}
+
+/// The automatic platform ARGs (`TARGETPLATFORM`, `BUILDARCH`, …).
+fn platform_args(target: &Platform) -> BTreeMap<String, String> {
+    let build = Platform::host();
+    let mut m = BTreeMap::new();
+    for (prefix, p) in [("TARGET", target), ("BUILD", &build)] {
+        m.insert(format!("{prefix}PLATFORM"), p.to_string());
+        m.insert(format!("{prefix}OS"), p.os.clone());
+        m.insert(format!("{prefix}ARCH"), p.architecture.clone());
+        m.insert(
+            format!("{prefix}VARIANT"),
+            p.variant.clone().unwrap_or_default(),
+        );
+    }
+    m
+}
+
+/// Build the Dockerfile in `opts` into `store`, tagging the result with `opts.tags`.
+pub fn build(
+    store: &Store,
+    opts: &BuildOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<BuildOutput, BuildError> {
+    let df = dockerfile::parse(&opts.dockerfile, &opts.dockerfile_name)?;
+    if let Some(s) = &df.syntax {
+        events(Event::Warning(format!(
+            "ignoring the syntax directive {s:?}: strata has its own Dockerfile front end"
+        )));
+    }
+    let stages = df.stages()?;
+    check_build_args(&stages, opts)?;
+    let target = target_index(&stages, opts.target.as_deref())?;
+
+    // Global ARGs: defaults expanded against earlier global args and build args.
+    let auto = platform_args(&opts.platform);
+    let mut global_args: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for step in &stages.global_args {
+        if let Instruction::Arg(args) = &step.instruction {
+            for (name, default) in args {
+                let value = match (opts.build_args.get(name), default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(d)) => Some(
+                        dockerfile::expand_word(d, df.escape, |k| {
+                            lookup_global(&global_args, &auto, k)
+                        })
+                        .map_err(|e| df.error_at(&step.node, e))?,
+                    ),
+                    (None, None) => auto.get(name).cloned(),
+                };
+                global_args.insert(name.clone(), value);
+            }
+        }
+    }
+
+    let mut ctx = Ctx {
+        store,
+        opts,
+        df: &df,
+        events,
+        step_id: 0,
+        work: store.temp_dir()?,
+        context_tree: None,
+        global_args,
+        images: HashMap::new(),
+    };
+    let needed = needed_stages(&stages, target, &ctx)?;
+    let mut done: Vec<Option<StageState>> = (0..stages.stages.len()).map(|_| None).collect();
+    for i in needed {
+        let state = execute_stage(&mut ctx, &stages, i, &mut done)?;
+        done[i] = Some(state);
+    }
+    let mut last = done[target].take().expect("the target stage was built");
+    for (k, v) in &opts.labels {
+        last.config.set_label(k, v);
+    }
+    last.config
+        .oci
+        .set_created(Some(crate::image::rfc3339(opts.source_date_epoch)));
+    let image = Image::assemble(last.config, &last.layers).map_err(StoreError::from)?;
+    let digest = store.commit_image(&image, &opts.tags)?;
+    Ok(BuildOutput { image, digest })
+}
+
+fn lookup_global(
+    args: &BTreeMap<String, Option<String>>,
+    auto: &BTreeMap<String, String>,
+    k: &str,
+) -> Option<String> {
+    match args.get(k) {
+        Some(v) => v.clone(),
+        None => auto.get(k).cloned(),
+    }
+}
+
+fn check_build_args(stages: &Stages, opts: &BuildOptions) -> Result<(), BuildError> {
+    let mut declared = BTreeSet::new();
+    let all = stages
+        .global_args
+        .iter()
+        .chain(stages.stages.iter().flat_map(|s| s.steps.iter()));
+    for step in all {
+        if let Instruction::Arg(args) = &step.instruction {
+            declared.extend(args.iter().map(|(n, _)| n.clone()));
+        }
+    }
+    let unknown: Vec<&String> = opts
+        .build_args
+        .keys()
+        .filter(|k| {
+            !declared.contains(*k)
+                && !PREDEFINED_ARGS.contains(&k.as_str())
+                && !k.starts_with("BUILDKIT_")
+        })
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(BuildError::Invalid(format!(
+            "build arg{} {} given but not declared by any ARG in {}",
+            if unknown.len() > 1 { "s" } else { "" },
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            opts.dockerfile_name
+        )))
+    }
+}
+
+fn target_index(stages: &Stages, target: Option<&str>) -> Result<usize, BuildError> {
+    match target {
+        None => Ok(stages.stages.len() - 1),
+        Some(t) => stages
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(&t.to_lowercase()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = stages
+                    .stages
+                    .iter()
+                    .filter_map(|s| s.name.as_deref())
+                    .collect();
+                BuildError::Invalid(format!(
+                    "target stage {t:?} not found (stages: {})",
+                    if names.is_empty() {
+                        "none named".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+            }),
+    }
+}
+
+/// The index of the stage a FROM or `--from` names, if it names one.
+pub(crate) fn stage_ref(stages: &Stages, before: usize, name: &str) -> Option<usize> {
+    let lower = name.to_lowercase();
+    if let Some(i) = stages.stages[..before]
+        .iter()
+        .position(|s| s.name.as_deref() == Some(lower.as_str()))
+    {
+        return Some(i);
+    }
+    name.parse::<usize>().ok().filter(|i| *i < before)
+}
+
+/// The stages the target depends on, in build order.
+fn needed_stages(stages: &Stages, target: usize, ctx: &Ctx) -> Result<Vec<usize>, BuildError> {
+    let mut need = BTreeSet::new();
+    let mut todo = vec![target];
+    while let Some(i) = todo.pop() {
+        if !need.insert(i) {
+            continue;
+        }
+        let s = &stages.stages[i];
+        let base = stage::expand_from(ctx, &s.from, &s.base)?;
+        if let Some(j) = stage_ref(stages, i, &base) {
+            todo.push(j);
+        }
+        for step in &s.steps {
+            if let Instruction::Copy(c) = &step.instruction {
+                if let Some(from) = &c.from {
+                    if let Some(j) = stage_ref(stages, i, from) {
+                        todo.push(j);
+                    }
+                }
+            }
+        }
+    }
+    Ok(need.into_iter().collect())
+}
+
+/// Time a step and report it.
+pub(crate) fn timed<T>(
+    ctx: &mut Ctx,
+    id: usize,
+    f: impl FnOnce(&mut Ctx) -> Result<(T, Option<Descriptor>), BuildError>,
+) -> Result<T, BuildError> {
+    let start = Instant::now();
+    let (v, layer) = f(ctx)?;
+    (ctx.events)(Event::StepDone {
+        id,
+        layer,
+        millis: start.elapsed().as_millis() as u64,
+    });
+    Ok(v)
+}

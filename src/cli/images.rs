@@ -74,7 +74,9 @@ pub(super) fn images(a: ImagesArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         let v: Vec<Value> = rows
             .iter()
-            .map(|(n, d, s, c)| json!({"name": n, "digest": d.to_string(), "size": s, "created": c}))
+            .map(
+                |(n, d, s, c)| json!({"name": n, "digest": d.to_string(), "size": s, "created": c}),
+            )
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else if a.quiet {
@@ -82,10 +84,19 @@ pub(super) fn images(a: ImagesArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "{d}")?;
         }
     } else {
-        writeln!(out, "{:<40} {:<19} {:>10}  CREATED", "NAME", "DIGEST", "SIZE")?;
+        writeln!(
+            out,
+            "{:<40} {:<19} {:>10}  CREATED",
+            "NAME", "DIGEST", "SIZE"
+        )?;
         for (n, d, s, c) in &rows {
             let name = n.as_deref().unwrap_or("<none>");
-            writeln!(out, "{name:<40} {:<19} {:>10}  {c}", format!("sha256:{}", d.short()), human_size(*s))?;
+            writeln!(
+                out,
+                "{name:<40} {:<19} {:>10}  {c}",
+                format!("sha256:{}", d.short()),
+                human_size(*s)
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -115,7 +126,11 @@ pub(super) fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let image = store.image(&desc.digest)?;
     let mut out = std::io::stdout().lock();
     if a.raw {
-        out.write_all(if a.config { &image.config_bytes } else { &image.manifest_bytes })?;
+        out.write_all(if a.config {
+            &image.config_bytes
+        } else {
+            &image.manifest_bytes
+        })?;
         out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -137,7 +152,9 @@ pub(super) fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         None => writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?,
         Some(f) => {
             let v = select(&doc, &f).ok_or_else(|| {
-                UsageError(format!("--format {f:?}: no such field in the inspect output"))
+                UsageError(format!(
+                    "--format {f:?}: no such field in the inspect output"
+                ))
             })?;
             match v {
                 Value::String(s) => writeln!(out, "{s}")?,

@@ -280,7 +280,10 @@ mod tests {
         let cfg = ConfigFile::parse(raw).unwrap();
         assert_eq!(cfg.env(), vec![("A".to_string(), "1".to_string())]);
         let out = String::from_utf8(cfg.to_bytes()).unwrap();
-        assert!(out.contains(r#""Healthcheck":{"Test":["CMD","true"]}"#), "{out}");
+        assert!(
+            out.contains(r#""Healthcheck":{"Test":["CMD","true"]}"#),
+            "{out}"
+        );
         assert!(out.contains(r#""Shell":["/bin/bash","-c"]"#), "{out}");
         assert!(!out.contains("OnBuild"), "{out}");
     }

@@ -249,6 +249,9 @@ mod tests {
         assert_eq!(img.digest(), again.digest());
         assert_eq!(img.manifest.config.digest, Digest::of(&img.config_bytes));
         let text = String::from_utf8(img.manifest_bytes.clone()).unwrap();
-        assert!(text.contains("application/vnd.oci.image.manifest.v1+json"), "{text}");
+        assert!(
+            text.contains("application/vnd.oci.image.manifest.v1+json"),
+            "{text}"
+        );
     }
 }

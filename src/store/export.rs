@@ -109,13 +109,19 @@ fn blobs(image: &Image, manifest: &Descriptor) -> Vec<Descriptor> {
 }
 
 /// Export the image `manifest` (already in `store`) to `target`.
-pub fn export(store: &Store, manifest: &Descriptor, target: &ExportTarget) -> Result<(), StoreError> {
+pub fn export(
+    store: &Store,
+    manifest: &Descriptor,
+    target: &ExportTarget,
+) -> Result<(), StoreError> {
     let image = store.image(&manifest.digest)?;
     let mut manifest = manifest.clone();
     manifest.annotations.clear();
     manifest.platform = None;
     match target {
-        ExportTarget::OciDir { dir, tag } => export_oci_dir(store, &image, &manifest, dir, tag.as_deref()),
+        ExportTarget::OciDir { dir, tag } => {
+            export_oci_dir(store, &image, &manifest, dir, tag.as_deref())
+        }
         ExportTarget::OciArchive { file, tag } => {
             let mut index = OciIndex::default();
             match tag {
@@ -124,7 +130,10 @@ pub fn export(store: &Store, manifest: &Descriptor, target: &ExportTarget) -> Re
             }
             let mut entries = vec![
                 bytes_entry("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
-                bytes_entry("index.json", serde_json::to_vec(&index).expect("index serialises")),
+                bytes_entry(
+                    "index.json",
+                    serde_json::to_vec(&index).expect("index serialises"),
+                ),
                 Entry::dir("blobs", 0o755, 0, 0),
                 Entry::dir("blobs/sha256", 0o755, 0, 0),
             ];
@@ -192,7 +201,10 @@ fn export_oci_dir(
         tmp.as_file().sync_all()?;
         tmp.persist(&dest).map_err(|e| e.error)?;
     }
-    write_atomic(&dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    write_atomic(
+        &dir.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
     let mut index = OciIndex::read(dir)?;
     match tag {
         Some(t) => index.set_ref(t, manifest.clone()),
@@ -229,7 +241,9 @@ fn export_docker_archive(
         let path = work.path().join(&lname);
         let mut out = HashingWriter::new(io::BufWriter::new(fs::File::create(&path)?));
         io::copy(
-            &mut open_decompressed(io::BufReader::new(store.open_blob(&layer.descriptor.digest)?))?,
+            &mut open_decompressed(io::BufReader::new(
+                store.open_blob(&layer.descriptor.digest)?,
+            ))?,
             &mut out,
         )?;
         let (diff_id, size, mut w) = out.finish();
@@ -295,7 +309,9 @@ mod tests {
             }
         );
         assert_eq!(
-            "docker-archive:a.tar:app:1".parse::<ExportTarget>().unwrap(),
+            "docker-archive:a.tar:app:1"
+                .parse::<ExportTarget>()
+                .unwrap(),
             ExportTarget::DockerArchive {
                 file: "a.tar".into(),
                 name: Some("app:1".into())

@@ -47,7 +47,9 @@ pub fn fsck(store: &Store) -> Result<FsckReport, StoreError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         report.blobs += 1;
         let Ok(expected) = Digest::from_hex(&name) else {
-            report.problems.push(format!("blobs/sha256/{name}: not a sha256 file name"));
+            report
+                .problems
+                .push(format!("blobs/sha256/{name}: not a sha256 file name"));
             continue;
         };
         let (found, _) = hash_reader(fs::File::open(entry.path())?)?;
@@ -88,7 +90,11 @@ pub fn fsck(store: &Store) -> Result<FsckReport, StoreError> {
             }
         };
         if image.manifest_bytes.len() as u64 != desc.size {
-            problem(format!("index.json says {} bytes, manifest has {}", desc.size, image.manifest_bytes.len()));
+            problem(format!(
+                "index.json says {} bytes, manifest has {}",
+                desc.size,
+                image.manifest_bytes.len()
+            ));
         }
         for p in check_layers(store, &image, &good)? {
             problem(p);
@@ -97,7 +103,11 @@ pub fn fsck(store: &Store) -> Result<FsckReport, StoreError> {
     Ok(report)
 }
 
-fn check_layers(store: &Store, image: &Image, good: &BTreeSet<Digest>) -> Result<Vec<String>, StoreError> {
+fn check_layers(
+    store: &Store,
+    image: &Image,
+    good: &BTreeSet<Digest>,
+) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
     let layers = match image.layers() {
         Ok(l) => l,
@@ -111,7 +121,10 @@ fn check_layers(store: &Store, image: &Image, good: &BTreeSet<Digest>) -> Result
         }
         let size = fs::metadata(store.blob_path(&d))?.len();
         if size != layer.descriptor.size {
-            problems.push(format!("layer {d}: manifest says {} bytes, blob has {size}", layer.descriptor.size));
+            problems.push(format!(
+                "layer {d}: manifest says {} bytes, blob has {size}",
+                layer.descriptor.size
+            ));
         }
         let reader = io::BufReader::new(store.open_blob(&d)?);
         match open_decompressed(reader).and_then(|r| hash_reader(r).map_err(Into::into)) {

@@ -119,7 +119,8 @@ impl OciIndex {
     pub fn set_ref(&mut self, name: &str, mut desc: Descriptor) {
         self.manifests
             .retain(|d| d.annotations.get(REF_NAME).map(String::as_str) != Some(name));
-        desc.annotations.insert(REF_NAME.to_string(), name.to_string());
+        desc.annotations
+            .insert(REF_NAME.to_string(), name.to_string());
         self.manifests.push(desc);
         self.manifests.sort_by(|a, b| {
             (a.annotations.get(REF_NAME), a.digest).cmp(&(b.annotations.get(REF_NAME), b.digest))
@@ -130,12 +131,20 @@ impl OciIndex {
 /// Write `bytes` to `path` through a temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("create temp file in {}: {e}", dir.display())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("create temp file in {}: {e}", dir.display()),
+        )
+    })?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .map_err(|e| io::Error::new(e.error.kind(), format!("rename into {}: {}", path.display(), e.error)))?;
+    tmp.persist(path).map_err(|e| {
+        io::Error::new(
+            e.error.kind(),
+            format!("rename into {}: {}", path.display(), e.error),
+        )
+    })?;
     Ok(())
 }
 
@@ -180,7 +189,10 @@ impl BlobWriter {
         }
         tmp.as_file().sync_all()?;
         tmp.persist(&dest).map_err(|e| {
-            io::Error::new(e.error.kind(), format!("rename into {}: {}", dest.display(), e.error))
+            io::Error::new(
+                e.error.kind(),
+                format!("rename into {}: {}", dest.display(), e.error),
+            )
         })?;
         Ok((digest, size))
     }
@@ -333,10 +345,15 @@ impl Store {
         }
         let hexlike = reference.len() >= 4
             && reference.len() <= 64
-            && reference.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && reference
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if let Ok(name) = reference.parse::<ImageName>() {
             let key = name.to_string();
-            if let Some((_, d)) = list.iter().find(|(n, _)| n.as_deref() == Some(key.as_str())) {
+            if let Some((_, d)) = list
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(key.as_str()))
+            {
                 return Ok(d.clone());
             }
         }
@@ -445,7 +462,8 @@ impl Store {
 /// `io::copy` through a [`VerifyingReader`] reports digest problems as `InvalidData` I/O
 /// errors; give them back their own type.
 pub(crate) fn unwrap_digest_error(e: io::Error) -> StoreError {
-    if e.kind() == io::ErrorKind::InvalidData && e.get_ref().is_some_and(|i| i.is::<DigestError>()) {
+    if e.kind() == io::ErrorKind::InvalidData && e.get_ref().is_some_and(|i| i.is::<DigestError>())
+    {
         let inner = e.into_inner().expect("checked above");
         match inner.downcast::<DigestError>() {
             Ok(d) => StoreError::Digest(*d),

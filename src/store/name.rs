@@ -72,7 +72,9 @@ fn domain_ok(d: &str) -> bool {
     !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -83,8 +85,7 @@ fn tag_ok(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
 }
 
@@ -99,7 +100,10 @@ impl FromStr for ImageName {
             return Err(err("empty name"));
         }
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?)),
+            Some((r, d)) => (
+                r,
+                Some(d.parse::<Digest>().map_err(|e| err(&e.to_string()))?),
+            ),
             None => (s, None),
         };
         let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
@@ -159,8 +163,13 @@ mod tests {
         let n: ImageName = "sample".parse().unwrap();
         assert_eq!(n.to_string(), "sample:latest");
         let n: ImageName = "localhost:5000/org/app:v1.2".parse().unwrap();
-        assert_eq!((n.repository.as_str(), n.tag.as_str()), ("localhost:5000/org/app", "v1.2"));
-        let n: ImageName = "ttdaltinnregistry01.azurecr.io/ttd-app:abc_1".parse().unwrap();
+        assert_eq!(
+            (n.repository.as_str(), n.tag.as_str()),
+            ("localhost:5000/org/app", "v1.2")
+        );
+        let n: ImageName = "ttdaltinnregistry01.azurecr.io/ttd-app:abc_1"
+            .parse()
+            .unwrap();
         assert_eq!(n.tag, "abc_1");
         let d = Digest::of(b"");
         let n: ImageName = format!("app:1@{d}").parse().unwrap();
@@ -169,7 +178,16 @@ mod tests {
 
     #[test]
     fn bad_names_say_why() {
-        for bad in ["", "UPPER", "app:", "app:-x", "a//b", "app@sha256:12", "-app", "a..b"] {
+        for bad in [
+            "",
+            "UPPER",
+            "app:",
+            "app:-x",
+            "a//b",
+            "app@sha256:12",
+            "-app",
+            "a..b",
+        ] {
             let e = bad.parse::<ImageName>().unwrap_err();
             assert!(e.to_string().contains("invalid image name"), "{bad}: {e}");
         }

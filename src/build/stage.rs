@@ -1,0 +1,842 @@
+//! One build stage: its base, its state (config, layers, file-system view) and the dispatch of
+//! each instruction, with Docker's semantics for inheritance and expansion.
+
+use std::collections::BTreeMap;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::copy::{self, CopySpec};
+use super::{BuildError, Ctx, Event, stage_ref, timed};
+use crate::dockerfile::{
+    self, CommandForm, CopyArgs, Healthcheck, Instruction, Node, Stages, Step,
+};
+use crate::image::{ConfigFile, HealthConfig, Image, Layer, history};
+use crate::layer::{Entry, FsTree, LayerWriter, open_decompressed};
+use crate::media::{Descriptor, Platform};
+use crate::source::{Dockerignore, normalize_context_path};
+use crate::store::{OciIndex, REF_NAME, Store, StoreError};
+
+/// Where a layer's entries can be recovered from, to rebuild a file-system view.
+#[derive(Clone, Debug)]
+enum LayerSource {
+    /// A blob in the store (a base image layer).
+    Store,
+    /// Entries this build wrote.
+    Entries(Arc<Vec<Entry>>),
+}
+
+/// The state of a stage: what its image would be if it ended here.
+#[derive(Clone, Debug)]
+pub(crate) struct StageState {
+    /// Name for progress output.
+    pub name: String,
+    /// The config being built.
+    pub config: ConfigFile,
+    /// The layers so far, base first.
+    pub layers: Vec<Layer>,
+    sources: Vec<LayerSource>,
+    /// The file-system view, and whether file content (not just metadata) is available.
+    tree: Option<(FsTree, bool)>,
+    /// Declared ARGs and their values.
+    args: BTreeMap<String, Option<String>>,
+    /// Whether CMD came from the base image (ENTRYPOINT then resets it, as Docker does).
+    cmd_inherited: bool,
+    /// The SHELL for shell-form commands.
+    shell: Vec<String>,
+}
+
+impl StageState {
+    fn scratch(platform: &Platform, epoch: i64) -> StageState {
+        StageState {
+            name: String::new(),
+            config: ConfigFile::new(platform, epoch),
+            layers: Vec::new(),
+            sources: Vec::new(),
+            tree: Some((FsTree::new(), true)),
+            args: BTreeMap::new(),
+            cmd_inherited: false,
+            shell: default_shell(),
+        }
+    }
+
+    fn from_image(image: &Image) -> Result<StageState, BuildError> {
+        let layers = image.layers().map_err(StoreError::from)?;
+        let shell = match image.config.extra.get("Shell") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => default_shell(),
+        };
+        Ok(StageState {
+            name: String::new(),
+            config: image.config.clone(),
+            sources: vec![LayerSource::Store; layers.len()],
+            layers,
+            tree: None,
+            args: BTreeMap::new(),
+            cmd_inherited: image.config.config().cmd().is_some(),
+            shell,
+        })
+    }
+
+    /// Make sure the file-system view exists (with content when `content`).
+    fn ensure_tree(&mut self, store: &Store, work: &Path, content: bool) -> Result<(), BuildError> {
+        if matches!(self.tree, Some((_, c)) if c || !content) {
+            return Ok(());
+        }
+        let spool = if content {
+            let dir = tempfile::Builder::new()
+                .prefix("spool-")
+                .tempdir_in(work)
+                .map_err(StoreError::Io)?;
+            Some(dir.keep())
+        } else {
+            None
+        };
+        let mut tree = FsTree::new();
+        for (layer, source) in self.layers.iter().zip(&self.sources) {
+            match source {
+                LayerSource::Store => {
+                    let blob = store.open_blob(&layer.descriptor.digest)?;
+                    let r = open_decompressed(BufReader::with_capacity(1 << 20, blob))?;
+                    tree.apply_tar(r, spool.as_deref())?;
+                }
+                LayerSource::Entries(e) => tree.apply_entries(e)?,
+            }
+        }
+        self.tree = Some((tree, content));
+        Ok(())
+    }
+
+    fn tree(&self) -> &FsTree {
+        &self.tree.as_ref().expect("ensure_tree was called").0
+    }
+
+    /// Look a variable up for expansion: ENV wins over ARG, as in Docker.
+    fn lookup(&self, key: &str) -> Option<String> {
+        if let Some((_, v)) = self.config.env().into_iter().find(|(k, _)| k == key) {
+            return Some(v);
+        }
+        self.args.get(key).cloned().flatten()
+    }
+
+    fn workdir(&self) -> String {
+        self.config
+            .config()
+            .working_dir()
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".to_string())
+    }
+
+    /// Write `entries` as a new layer into the store and append it.
+    fn add_layer(
+        &mut self,
+        ctx: &Ctx,
+        entries: Vec<Entry>,
+        created_by: &str,
+    ) -> Result<Descriptor, BuildError> {
+        let opts = ctx.opts;
+        let writer = LayerWriter::new()
+            .compression(opts.compression)
+            .level(opts.compression_level)
+            .mtime(u64::try_from(opts.source_date_epoch).unwrap_or(0))
+            .threads(opts.threads);
+        let (stats, blob) = writer.write(entries.clone(), ctx.store.blob_writer()?)?;
+        let (digest, size) = blob.commit(None)?;
+        let descriptor = Descriptor::new(opts.compression.oci_layer_type(), digest, size);
+        self.layers.push(Layer {
+            descriptor: descriptor.clone(),
+            diff_id: stats.diff_id,
+        });
+        self.config.push_layer(
+            stats.diff_id,
+            history(created_by, opts.source_date_epoch, false),
+        );
+        if let Some((tree, _)) = &mut self.tree {
+            tree.apply_entries(&entries)?;
+        }
+        self.sources.push(LayerSource::Entries(Arc::new(entries)));
+        Ok(descriptor)
+    }
+
+    fn metadata_step(&mut self, created_by: &str, epoch: i64) {
+        self.config.push_history(history(created_by, epoch, true));
+    }
+}
+
+fn default_shell() -> Vec<String> {
+    vec!["/bin/sh".to_string(), "-c".to_string()]
+}
+
+/// Expand a FROM line's image with the global ARGs.
+pub(crate) fn expand_from(ctx: &Ctx, from: &Step, word: &str) -> Result<String, BuildError> {
+    let auto = super::platform_args(&ctx.opts.platform);
+    dockerfile::expand_word(word, ctx.df.escape, |k| {
+        super::lookup_global(&ctx.global_args, &auto, k)
+    })
+    .map_err(|e| BuildError::from(ctx.df.error_at(&from.node, e)))
+}
+
+fn located(ctx: &Ctx, node: &Node, msg: impl std::fmt::Display) -> BuildError {
+    BuildError::Dockerfile(ctx.df.error_at(node, msg))
+}
+
+/// Load an image named in FROM or `COPY --from`: `oci:DIR[:TAG]`, or a local store name.
+fn load_image(ctx: &Ctx, name: &str) -> Result<Image, String> {
+    let store = ctx.store;
+    if let Some(rest) = name.strip_prefix("oci:") {
+        return import_oci_layout(store, rest, &ctx.opts.platform).map_err(|e| e.to_string());
+    }
+    match store.resolve(name) {
+        Ok(desc) => store.image(&desc.digest).map_err(|e| e.to_string()),
+        Err(StoreError::NotFound(_)) => Err(format!(
+            "image {name:?} is not in the local store (pulling from a registry is not supported \
+             yet; build it first, or use FROM oci:DIR[:TAG])"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Import an image from an OCI layout directory into the store, verifying every blob.
+fn import_oci_layout(store: &Store, spec: &str, platform: &Platform) -> Result<Image, StoreError> {
+    let (dir, tag) = match spec.rsplit_once(':') {
+        Some((d, t)) if !t.contains('/') => (PathBuf::from(d), Some(t)),
+        _ => (PathBuf::from(spec), None),
+    };
+    let index = OciIndex::read(&dir)?;
+    let bad = |msg: String| StoreError::Corrupt(format!("{}: {msg}", dir.display()));
+    let desc = match tag {
+        Some(t) => index
+            .manifests
+            .iter()
+            .find(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(t))
+            .ok_or_else(|| bad(format!("no image tagged {t:?}")))?,
+        None if index.manifests.len() == 1 => &index.manifests[0],
+        None => {
+            return Err(bad(format!(
+                "{} images; name one with oci:DIR:TAG",
+                index.manifests.len()
+            )));
+        }
+    }
+    .clone();
+    let open = |d: &Descriptor| -> Result<(), StoreError> {
+        let path = dir.join("blobs/sha256").join(d.digest.hex());
+        store.import(BufReader::new(fs_err::File::open(path)?), d)
+    };
+    let mut desc = desc;
+    open(&desc)?;
+    if desc.media_type.is_index() {
+        let bytes = store.read_blob(&desc.digest)?;
+        let idx: OciIndex = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        desc = idx
+            .manifests
+            .into_iter()
+            .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
+            .ok_or_else(|| bad(format!("no manifest for {platform}")))?;
+        open(&desc)?;
+    }
+    let bytes = store.read_blob(&desc.digest)?;
+    let view = crate::image::ManifestView::parse(&bytes)?;
+    open(&view.config)?;
+    for l in &view.layers {
+        open(l)?;
+    }
+    store.image(&desc.digest)
+}
+
+/// Run stage `i`. `done` holds the stages already built.
+pub(crate) fn execute_stage(
+    ctx: &mut Ctx,
+    stages: &Stages,
+    i: usize,
+    done: &mut [Option<StageState>],
+) -> Result<StageState, BuildError> {
+    let stage = &stages.stages[i];
+    let name = stage.name.clone().unwrap_or_else(|| i.to_string());
+    let total = stage.steps.len() + 1;
+    let epoch = ctx.opts.source_date_epoch;
+
+    ctx.step_id += 1;
+    let id = ctx.step_id;
+    (ctx.events)(Event::Step {
+        id,
+        stage: name.clone(),
+        index: 1,
+        total,
+        text: one_line(&stage.from.node.original),
+    });
+    let base = expand_from(ctx, &stage.from, &stage.base)?;
+    let mut state = timed(ctx, id, |ctx| {
+        let s = if base.eq_ignore_ascii_case("scratch") {
+            StageState::scratch(&ctx.opts.platform, epoch)
+        } else if let Some(j) = stage_ref(stages, i, &base) {
+            done[j].clone().expect("dependencies are built first")
+        } else {
+            let image = load_image(ctx, &base).map_err(|m| located(ctx, &stage.from.node, m))?;
+            let s = StageState::from_image(&image)?;
+            let arch = &image.config.oci.architecture().to_string();
+            if *arch != ctx.opts.platform.architecture {
+                (ctx.events)(Event::Warning(format!(
+                    "base image {base} is {arch}, the target platform is {}",
+                    ctx.opts.platform
+                )));
+            }
+            s
+        };
+        Ok((s, None))
+    })?;
+    state.name = name.clone();
+    state.args.clear();
+
+    // ONBUILD triggers of the base run first, then are dropped from the new image.
+    let triggers: Vec<String> = match state.config.extra.remove("OnBuild") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for t in triggers {
+        let text = format!("FROM scratch\n{t}\n");
+        let df = dockerfile::parse(&text, &format!("ONBUILD trigger of {base}"))?;
+        for step in df.stages()?.stages.remove(0).steps {
+            dispatch(ctx, stages, i, done, &mut state, &step, &df)?;
+        }
+    }
+
+    for (n, step) in stage.steps.iter().enumerate() {
+        ctx.step_id += 1;
+        let id = ctx.step_id;
+        (ctx.events)(Event::Step {
+            id,
+            stage: name.clone(),
+            index: n + 2,
+            total,
+            text: one_line(&step.node.original),
+        });
+        let df = ctx.df;
+        timed(ctx, id, |ctx| {
+            let layer = dispatch(ctx, stages, i, done, &mut state, step, df)?;
+            Ok(((), layer))
+        })?;
+    }
+    Ok(state)
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+fn format_list(v: &[String]) -> String {
+    let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", items.join(" "))
+}
+
+/// Execute one instruction. Returns the layer it made, if any.
+fn dispatch(
+    ctx: &mut Ctx,
+    stages: &Stages,
+    i: usize,
+    done: &mut [Option<StageState>],
+    st: &mut StageState,
+    step: &Step,
+    df: &dockerfile::Dockerfile,
+) -> Result<Option<Descriptor>, BuildError> {
+    let node = &step.node;
+    let epoch = ctx.opts.source_date_epoch;
+    let err = |m: String| BuildError::Dockerfile(df.error_at(node, m));
+    let expand = |st: &StageState, w: &str| -> Result<String, BuildError> {
+        dockerfile::expand_word(w, df.escape, |k| st.lookup(k))
+            .map_err(|e| BuildError::Dockerfile(df.error_at(node, e)))
+    };
+    let expand_words = |st: &StageState, w: &str| -> Result<Vec<String>, BuildError> {
+        dockerfile::expand_words(w, df.escape, |k| st.lookup(k))
+            .map_err(|e| BuildError::Dockerfile(df.error_at(node, e)))
+    };
+    match &step.instruction {
+        Instruction::From { .. } => unreachable!("FROM starts a stage"),
+        Instruction::Run(_) => Err(err(
+            "RUN is not supported yet (it comes with the rootless sandbox); no image was tagged"
+                .to_string(),
+        )),
+        Instruction::Arg(args) => {
+            let mut shown = Vec::new();
+            for (name, default) in args {
+                let value = match (ctx.opts.build_args.get(name), default) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(d)) => Some(expand(st, d)?),
+                    (None, None) => ctx
+                        .global_args
+                        .get(name)
+                        .cloned()
+                        .flatten()
+                        .or_else(|| super::platform_args(&ctx.opts.platform).get(name).cloned()),
+                };
+                shown.push(match &value {
+                    Some(v) => format!("{name}={v}"),
+                    None => name.clone(),
+                });
+                st.args.insert(name.clone(), value);
+            }
+            st.metadata_step(&format!("ARG {}", shown.join(" ")), epoch);
+            Ok(None)
+        }
+        Instruction::Env(pairs) => {
+            let mut expanded = Vec::new();
+            for (k, v) in pairs {
+                expanded.push((expand(st, k)?, expand(st, v)?));
+            }
+            for (k, v) in &expanded {
+                st.config.set_env(k, v);
+            }
+            let shown: Vec<String> = expanded.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            st.metadata_step(&format!("ENV {}", shown.join(" ")), epoch);
+            Ok(None)
+        }
+        Instruction::Label(pairs) => {
+            let mut shown = Vec::new();
+            for (k, v) in pairs {
+                let (k, v) = (expand(st, k)?, expand(st, v)?);
+                st.config.set_label(&k, &v);
+                shown.push(format!("{k}={v}"));
+            }
+            st.metadata_step(&format!("LABEL {}", shown.join(" ")), epoch);
+            Ok(None)
+        }
+        Instruction::Maintainer(m) => {
+            st.config.oci.set_author(Some(m.clone()));
+            st.config.set_label("maintainer", m);
+            st.metadata_step(&format!("MAINTAINER {m}"), epoch);
+            Ok(None)
+        }
+        Instruction::User(u) => {
+            let u = expand(st, u)?;
+            st.config.update_config(|c| {
+                c.set_user(Some(u.clone()));
+            });
+            st.metadata_step(&format!("USER {u}"), epoch);
+            Ok(None)
+        }
+        Instruction::Expose(words) => {
+            let mut ports = Vec::new();
+            for w in words {
+                for p in expand_words(st, w)? {
+                    ports.extend(parse_ports(&p).map_err(err)?);
+                }
+            }
+            for p in &ports {
+                st.config.add_exposed_port(p);
+            }
+            let shown: Vec<String> = ports.iter().map(|p| format!("{p}:{{}}")).collect();
+            st.metadata_step(&format!("EXPOSE map[{}]", shown.join(" ")), epoch);
+            Ok(None)
+        }
+        Instruction::Volume(words) => {
+            let mut vols = Vec::new();
+            for w in words {
+                let v = expand(st, w)?;
+                if v.is_empty() {
+                    return Err(err("VOLUME specified can not be an empty string".into()));
+                }
+                vols.push(v);
+            }
+            for v in &vols {
+                st.config.add_volume(v);
+            }
+            st.metadata_step(&format!("VOLUME {}", format_list(&vols)), epoch);
+            Ok(None)
+        }
+        Instruction::StopSignal(s) => {
+            let s = expand(st, s)?;
+            if !valid_signal(&s) {
+                return Err(err(format!("invalid signal {s:?}")));
+            }
+            st.config.update_config(|c| {
+                c.set_stop_signal(Some(s.clone()));
+            });
+            st.metadata_step(&format!("STOPSIGNAL {s}"), epoch);
+            Ok(None)
+        }
+        Instruction::Shell(v) => {
+            st.shell = v.clone();
+            st.config.set_extra("Shell", Some(json!(v)));
+            st.metadata_step(&format!("SHELL {}", format_list(v)), epoch);
+            Ok(None)
+        }
+        Instruction::Entrypoint(form) | Instruction::Cmd(form) => {
+            let is_cmd = matches!(step.instruction, Instruction::Cmd(_));
+            let argv = match form {
+                CommandForm::Exec(v) => v.clone(),
+                CommandForm::Shell(s) => {
+                    let mut v = st.shell.clone();
+                    v.push(s.clone());
+                    v
+                }
+            };
+            let shown = format_list(&argv);
+            let inherited = st.cmd_inherited;
+            st.config.update_config(|c| {
+                if is_cmd {
+                    c.set_cmd(Some(argv));
+                } else {
+                    c.set_entrypoint(Some(argv));
+                    if inherited {
+                        c.set_cmd(None);
+                    }
+                }
+            });
+            if is_cmd || inherited {
+                st.cmd_inherited = false;
+            }
+            let kw = if is_cmd { "CMD" } else { "ENTRYPOINT" };
+            st.metadata_step(&format!("{kw} {shown}"), epoch);
+            Ok(None)
+        }
+        Instruction::Healthcheck(h) => {
+            let cfg = match h {
+                Healthcheck::None => HealthConfig {
+                    test: vec!["NONE".to_string()],
+                    ..HealthConfig::default()
+                },
+                Healthcheck::Cmd(c) => HealthConfig {
+                    test: match &c.test {
+                        CommandForm::Exec(v) => std::iter::once("CMD".to_string())
+                            .chain(v.iter().cloned())
+                            .collect(),
+                        CommandForm::Shell(s) => vec!["CMD-SHELL".to_string(), s.clone()],
+                    },
+                    interval: c.interval,
+                    timeout: c.timeout,
+                    start_period: c.start_period,
+                    start_interval: c.start_interval,
+                    retries: u64::from(c.retries),
+                },
+            };
+            st.config.set_extra(
+                "Healthcheck",
+                Some(serde_json::to_value(&cfg).expect("health config serialises")),
+            );
+            st.metadata_step(&format!("HEALTHCHECK {}", format_list(&cfg.test)), epoch);
+            Ok(None)
+        }
+        Instruction::Onbuild(trigger) => {
+            let mut list = match st.config.extra.get("OnBuild") {
+                Some(Value::Array(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            list.push(Value::String(trigger.clone()));
+            st.config.set_extra("OnBuild", Some(Value::Array(list)));
+            st.metadata_step(&format!("ONBUILD {trigger}"), epoch);
+            Ok(None)
+        }
+        Instruction::Workdir(w) => {
+            let w = expand(st, w)?;
+            let path = if w.starts_with('/') {
+                copy::clean(&w)
+            } else {
+                copy::clean(&format!("{}/{w}", st.workdir()))
+            };
+            let abs = format!("/{}", path.display());
+            st.config.update_config(|c| {
+                c.set_working_dir(Some(abs.clone()));
+            });
+            let owner = current_user_ids(ctx, st).map_err(err)?;
+            st.ensure_tree(ctx.store, ctx.work.path(), false)?;
+            let real = st.tree().resolve_lenient(&path, true)?;
+            let mut missing = Vec::new();
+            let mut cur = PathBuf::new();
+            for c in real.components() {
+                cur.push(c);
+                if st.tree().get(&cur).is_none() {
+                    missing.push(Entry::dir(cur.clone(), 0o755, owner.0, owner.1));
+                }
+            }
+            if missing.is_empty() {
+                st.metadata_step(&format!("WORKDIR {abs}"), epoch);
+                Ok(None)
+            } else {
+                Ok(Some(st.add_layer(
+                    ctx,
+                    missing,
+                    &format!("WORKDIR {abs}"),
+                )?))
+            }
+        }
+        Instruction::Copy(c) | Instruction::Add(c) => {
+            let is_add = matches!(step.instruction, Instruction::Add(_));
+            copy_step(ctx, stages, i, done, st, step, df, c, is_add)
+        }
+    }
+}
+
+/// The (uid, gid) the stage's USER maps to, for directories WORKDIR creates.
+fn current_user_ids(ctx: &Ctx, st: &mut StageState) -> Result<(u64, u64), String> {
+    let user = st.config.config().user().clone().unwrap_or_default();
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    resolve_owner(ctx, st, &user, true)
+}
+
+/// Resolve `user[:group]` to ids against the stage's /etc/passwd and /etc/group.
+/// With `primary_gid`, a user without a group gets its passwd group (USER semantics);
+/// otherwise the gid equals the uid (`--chown` semantics, as Docker documents).
+fn resolve_owner(
+    ctx: &Ctx,
+    st: &mut StageState,
+    spec: &str,
+    primary_gid: bool,
+) -> Result<(u64, u64), String> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let numeric = |s: &str| s.parse::<u64>().ok();
+    let needs_lookup = numeric(u).is_none()
+        || g.is_some_and(|g| numeric(g).is_none())
+        || (primary_gid && g.is_none());
+    if needs_lookup {
+        st.ensure_tree(ctx.store, ctx.work.path(), true)
+            .map_err(|e| e.to_string())?;
+    }
+    let (uid, user_gid) = match numeric(u) {
+        Some(n) => {
+            let gid = if primary_gid {
+                passwd_gid_for_uid(st.tree(), n).unwrap_or(n)
+            } else {
+                n
+            };
+            (n, gid)
+        }
+        None => {
+            let user = st
+                .tree()
+                .lookup_user(u)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("unable to find user {u:?} in the image's /etc/passwd"))?;
+            (user.uid, if primary_gid { user.gid } else { user.uid })
+        }
+    };
+    let gid = match g {
+        None => user_gid,
+        Some(g) => match numeric(g) {
+            Some(n) => n,
+            None => st
+                .tree()
+                .lookup_group(g)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("unable to find group {g:?} in the image's /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn passwd_gid_for_uid(tree: &FsTree, uid: u64) -> Option<u64> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut tree.open("etc/passwd").ok()?, &mut text).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[2].parse::<u64>().ok() == Some(uid)).then(|| f[3].parse().ok())?
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_step(
+    ctx: &mut Ctx,
+    stages: &Stages,
+    i: usize,
+    done: &mut [Option<StageState>],
+    st: &mut StageState,
+    step: &Step,
+    df: &dockerfile::Dockerfile,
+    c: &CopyArgs,
+    is_add: bool,
+) -> Result<Option<Descriptor>, BuildError> {
+    let node = &step.node;
+    let err = |m: String| BuildError::Dockerfile(df.error_at(node, m));
+    let kw = if is_add { "ADD" } else { "COPY" };
+    let expand = |st: &StageState, w: &str| -> Result<String, BuildError> {
+        dockerfile::expand_word(w, df.escape, |k| st.lookup(k))
+            .map_err(|e| BuildError::Dockerfile(df.error_at(node, e)))
+    };
+    if c.parents {
+        return Err(err(format!("{kw} --parents is not supported yet")));
+    }
+    let mut sources = Vec::new();
+    for s in &c.sources {
+        let s = expand(st, s)?;
+        if is_add && (s.contains("://") || s.starts_with("git@")) {
+            return Err(err(format!(
+                "ADD from a URL ({s}) is not supported yet; download it in an earlier step or COPY a local file"
+            )));
+        }
+        sources.push(s);
+    }
+    if c.checksum.is_some() {
+        return Err(err(
+            "ADD --checksum is only valid for URL sources".to_string()
+        ));
+    }
+    let dest_word = expand(st, &c.dest)?;
+    let dest = if dest_word.starts_with('/') {
+        dest_word.clone()
+    } else {
+        let wd = st.workdir();
+        format!("{}/{dest_word}", wd.trim_end_matches('/'))
+    };
+    let chown = match &c.chown {
+        Some(spec) => {
+            let spec = expand(st, spec)?;
+            Some(resolve_owner(ctx, st, &spec, false).map_err(err)?)
+        }
+        None => None,
+    };
+    let chmod = match &c.chmod {
+        Some(m) => {
+            let m = expand(st, m)?;
+            Some(
+                u32::from_str_radix(&m, 8)
+                    .ok()
+                    .filter(|v| *v <= 0o7777)
+                    .ok_or_else(|| {
+                        err(format!(
+                            "invalid --chmod {m:?}: expected an octal mode such as 0755"
+                        ))
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let mut exclude = Vec::new();
+    for e in &c.exclude {
+        exclude.push(expand(st, e)?);
+    }
+    let exclude = Dockerignore::from_patterns(&exclude).map_err(|e| err(e.to_string()))?;
+    let mut heredocs = Vec::new();
+    for h in &c.heredocs {
+        let body = if h.expand {
+            dockerfile::expand_heredoc(&h.content, df.escape, |k| st.lookup(k))
+                .map_err(|e| err(e.to_string()))?
+        } else {
+            h.content.clone()
+        };
+        heredocs.push((h.name.clone(), body.into_bytes()));
+    }
+    let from = match &c.from {
+        Some(f) => Some(expand(st, f)?),
+        None => None,
+    };
+    if from.is_none() {
+        for s in &mut sources {
+            *s = normalize_context_path(s).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let mut spec = CopySpec {
+        sources,
+        heredocs,
+        dest,
+        chown,
+        chmod,
+        exclude,
+        extract_archives: is_add && c.unpack != Some(false),
+        keep_owner: from.is_some(),
+    };
+    st.ensure_tree(ctx.store, ctx.work.path(), false)?;
+    let spool = ctx.spool_dir()?;
+    let entries = match &from {
+        None => {
+            let src = ctx.context_tree()?;
+            copy::plan(&spec, src, st.tree(), &spool)
+        }
+        Some(f) => {
+            spec.extract_archives = false;
+            if let Some(j) = stage_ref(stages, i, f) {
+                let other = done[j].as_mut().expect("dependencies are built first");
+                other.ensure_tree(ctx.store, ctx.work.path(), true)?;
+                copy::plan(&spec, other.tree(), st.tree(), &spool)
+            } else {
+                if !ctx.images.contains_key(f) {
+                    let image = load_image(ctx, f).map_err(&err)?;
+                    let s = StageState::from_image(&image)?;
+                    ctx.images.insert(f.clone(), s);
+                }
+                let (store, work) = (ctx.store, ctx.work.path().to_path_buf());
+                let other = ctx.images.get_mut(f).expect("inserted above");
+                other.ensure_tree(store, &work, true)?;
+                copy::plan(&spec, other.tree(), st.tree(), &spool)
+            }
+        }
+    }
+    .map_err(|e| err(format!("{kw} failed: {e}")))?;
+    let created_by = format!("{} # strata", one_line(&node.original));
+    Ok(Some(st.add_layer(ctx, entries, &created_by)?))
+}
+
+/// `80`, `80/udp`, `8000-8002/tcp` → normalised `port/proto` entries.
+fn parse_ports(spec: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match spec.split_once('/') {
+        Some((p, proto)) => (p, proto.to_lowercase()),
+        None => (spec, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid EXPOSE protocol {proto:?} in {spec:?}"));
+    }
+    let num = |s: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("invalid port {s:?} in EXPOSE {spec:?}"))
+    };
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => {
+            let p = num(ports)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(format!("invalid port range {spec:?}"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+fn valid_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return (1..=64).contains(&n);
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(s);
+    const NAMES: &[&str] = &[
+        "ABRT", "ALRM", "BUS", "CHLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL",
+        "PIPE", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP",
+        "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
+    ];
+    NAMES.contains(&name) || name.starts_with("RTMIN") || name.starts_with("RTMAX")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_normalise() {
+        assert_eq!(parse_ports("5005").unwrap(), vec!["5005/tcp"]);
+        assert_eq!(parse_ports("53/UDP").unwrap(), vec!["53/udp"]);
+        assert_eq!(
+            parse_ports("8000-8002").unwrap(),
+            vec!["8000/tcp", "8001/tcp", "8002/tcp"]
+        );
+        assert!(parse_ports("http").is_err());
+        assert!(parse_ports("80/xyz").is_err());
+    }
+
+    #[test]
+    fn signals() {
+        assert!(valid_signal("SIGTERM"));
+        assert!(valid_signal("9"));
+        assert!(!valid_signal("SIGNOPE"));
+    }
+}

@@ -1,0 +1,262 @@
+//! `strata build`: buildx's flag names, the local store as the default output.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use super::progress::{Mode, Renderer};
+use super::{UsageError, open_store};
+use crate::build::{self, BuildOptions};
+use crate::media::{Compression, Platform};
+use crate::store::{self, ExportTarget, ImageName};
+
+/// `strata build`
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The build context directory.
+    #[arg(default_value = ".")]
+    context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Name and optionally tag the image (`name[:tag]`); repeatable.
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// Set a build-time variable (`KEY=VALUE`, or `KEY` to take it from the environment).
+    #[arg(long = "build-arg")]
+    build_args: Vec<String>,
+    /// Build this stage (and what it needs) instead of the last one.
+    #[arg(long)]
+    target: Option<String>,
+    /// Set a label on the image (`KEY=VALUE`); repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Target platform `OS/ARCH[/VARIANT]` (default: the host's).
+    #[arg(long)]
+    platform: Option<Platform>,
+    /// Also write the image to `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+    /// `docker-archive:FILE[:NAME:TAG]`, or buildx's `type=oci|docker,dest=FILE[,name=N]`.
+    /// The image always lands in the local store.
+    #[arg(short = 'o', long = "output")]
+    outputs: Vec<String>,
+    /// Layer compression.
+    #[arg(long, default_value = "gzip", value_parser = ["gzip", "zstd", "uncompressed"])]
+    compression: String,
+    /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3).
+    #[arg(long = "compression-level")]
+    compression_level: Option<i32>,
+    /// Timestamp for every file and date in the image (default: $SOURCE_DATE_EPOCH, else 0).
+    #[arg(long = "source-date-epoch")]
+    source_date_epoch: Option<i64>,
+    /// Write the image digest to this file.
+    #[arg(long)]
+    iidfile: Option<PathBuf>,
+    /// Write build result metadata (JSON, buildx's keys) to this file.
+    #[arg(long = "metadata-file")]
+    metadata_file: Option<PathBuf>,
+    /// Progress output: `auto` (bars on a terminal, plain lines otherwise), `plain`, `json`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "tty", "json", "rawjson", "quiet"])]
+    progress: String,
+    /// Print nothing but the image digest.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Compression worker threads (default: the number of CPUs). Output bytes do not depend on it.
+    #[arg(long, env = "STRATA_THREADS")]
+    threads: Option<u32>,
+}
+
+fn key_values(
+    items: &[String],
+    what: &str,
+    from_env: bool,
+) -> Result<BTreeMap<String, String>, UsageError> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            None if from_env && !item.is_empty() => {
+                if let Ok(v) = std::env::var(item) {
+                    out.insert(item.clone(), v);
+                }
+            }
+            _ => {
+                return Err(UsageError(format!(
+                    "invalid {what} {item:?}: expected KEY=VALUE"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parse `--output`: skopeo transport syntax, or buildx's `type=…,dest=…`.
+fn parse_output(s: &str) -> Result<ExportTarget, UsageError> {
+    if s.starts_with("type=") || s.contains(",dest=") {
+        let mut kv = BTreeMap::new();
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                UsageError(format!("invalid --output {s:?}: {part:?} is not key=value"))
+            })?;
+            kv.insert(k, v);
+        }
+        let dest = kv.get("dest").map(PathBuf::from);
+        let name = kv.get("name").map(|n| n.to_string());
+        return match (kv.get("type").copied(), dest) {
+            (Some("oci"), Some(file)) => Ok(ExportTarget::OciArchive { file, tag: name }),
+            (Some("docker"), Some(file)) => Ok(ExportTarget::DockerArchive { file, name }),
+            (Some("oci" | "docker"), None) => {
+                Err(UsageError(format!("--output {s:?} needs dest=FILE")))
+            }
+            (Some(t), _) => Err(UsageError(format!(
+                "--output type={t} is not supported (use type=oci or type=docker; registry pushes come later)"
+            ))),
+            (None, _) => Err(UsageError(format!("--output {s:?} needs type="))),
+        };
+    }
+    s.parse().map_err(UsageError)
+}
+
+pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let build_args = key_values(&a.build_args, "--build-arg", true)?;
+    let labels = key_values(&a.labels, "--label", false)?;
+    let tags = a
+        .tags
+        .iter()
+        .map(|t| {
+            t.parse::<ImageName>()
+                .map_err(|e| UsageError(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = a
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let compression: Compression = a.compression.parse().map_err(UsageError)?;
+    let source_date_epoch = match a.source_date_epoch {
+        Some(v) => v,
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => v
+                .parse()
+                .map_err(|_| UsageError(format!("invalid SOURCE_DATE_EPOCH {v:?}")))?,
+            _ => 0,
+        },
+    };
+    if source_date_epoch < 0 {
+        return Err(UsageError("--source-date-epoch must not be negative".into()).into());
+    }
+    if !a.context.is_dir() {
+        return Err(UsageError(format!(
+            "build context {} is not a directory",
+            a.context.display()
+        ))
+        .into());
+    }
+    let dockerfile_path = a
+        .file
+        .clone()
+        .unwrap_or_else(|| a.context.join("Dockerfile"));
+    let dockerfile = fs_err::read_to_string(&dockerfile_path)
+        .with_context(|| "read the Dockerfile".to_string())?;
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let opts = BuildOptions {
+        context: a.context.clone(),
+        dockerfile_name: display_name(&dockerfile_path),
+        dockerfile_path,
+        dockerfile,
+        build_args,
+        target: a.target.clone(),
+        labels,
+        platform: a.platform.clone().unwrap_or_else(Platform::host),
+        compression,
+        compression_level: a.compression_level,
+        source_date_epoch,
+        threads: threads.max(1),
+        tags,
+    };
+    let mode = if a.quiet {
+        Mode::Quiet
+    } else {
+        Mode::parse(&a.progress)
+    };
+    let store = open_store()?;
+    let mut renderer = Renderer::new(mode);
+    let result = build::build(&store, &opts, &mut |e| renderer.event(&e));
+    renderer.finish();
+    let out = result?;
+    for target in &outputs {
+        store::export(&store, &out.image.descriptor(), target)
+            .with_context(|| format!("export to {target}"))?;
+        renderer.note(&format!("exported to {target}"));
+    }
+    if let Some(f) = &a.iidfile {
+        fs_err::write(f, out.digest.to_string())?;
+    }
+    if let Some(f) = &a.metadata_file {
+        let names: Vec<String> = opts.tags.iter().map(ToString::to_string).collect();
+        let meta = json!({
+            "containerimage.digest": out.digest.to_string(),
+            "containerimage.config.digest": out.image.manifest.config.digest.to_string(),
+            "containerimage.descriptor": out.image.descriptor(),
+            "image.name": names.join(","),
+        });
+        fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
+    }
+    renderer.result(&out.digest, &opts.tags);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", out.digest)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn display_name(p: &Path) -> String {
+    p.strip_prefix("./").unwrap_or(p).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_parse_both_syntaxes() {
+        assert_eq!(
+            parse_output("type=oci,dest=out.tar").unwrap(),
+            ExportTarget::OciArchive {
+                file: "out.tar".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            parse_output("type=docker,dest=d.tar,name=app:1").unwrap(),
+            ExportTarget::DockerArchive {
+                file: "d.tar".into(),
+                name: Some("app:1".into())
+            }
+        );
+        assert!(parse_output("type=registry").is_err());
+        assert!(matches!(
+            parse_output("oci:dir").unwrap(),
+            ExportTarget::OciDir { .. }
+        ));
+    }
+
+    #[test]
+    fn key_values_need_keys() {
+        assert!(key_values(&["=x".into()], "--label", false).is_err());
+        assert!(key_values(&["x".into()], "--label", false).is_err());
+        assert_eq!(
+            key_values(&["a=b=c".into()], "--label", false).unwrap()["a"],
+            "b=c"
+        );
+    }
+}

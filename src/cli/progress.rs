@@ -1,0 +1,178 @@
+//! Rendering build events: spinners on a terminal, BuildKit-style plain lines in CI logs,
+//! one JSON object per line with `--progress json`. All of it goes to stderr; stdout carries
+//! only the result.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::images::human_size;
+use crate::build::Event;
+use crate::digest::Digest;
+use crate::store::ImageName;
+
+/// How to show progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Spinners (a terminal).
+    Tty,
+    /// Plain lines.
+    Plain,
+    /// JSON lines.
+    Json,
+    /// Nothing.
+    Quiet,
+}
+
+impl Mode {
+    /// From `--progress`.
+    pub fn parse(s: &str) -> Mode {
+        match s {
+            "plain" => Mode::Plain,
+            "tty" => Mode::Tty,
+            "json" | "rawjson" => Mode::Json,
+            "quiet" => Mode::Quiet,
+            _ if std::io::stderr().is_terminal() => Mode::Tty,
+            _ => Mode::Plain,
+        }
+    }
+}
+
+/// Renders events in one [`Mode`].
+pub struct Renderer {
+    mode: Mode,
+    bars: HashMap<usize, (ProgressBar, String)>,
+}
+
+impl Renderer {
+    /// A renderer for `mode`.
+    pub fn new(mode: Mode) -> Renderer {
+        Renderer {
+            mode,
+            bars: HashMap::new(),
+        }
+    }
+
+    fn line(&self, s: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{s}");
+    }
+
+    /// Show one event.
+    pub fn event(&mut self, e: &Event) {
+        match (self.mode, e) {
+            (Mode::Quiet, _) => {}
+            (Mode::Json, e) => {
+                let v = match e {
+                    Event::Step {
+                        id,
+                        stage,
+                        index,
+                        total,
+                        text,
+                    } => {
+                        json!({"type": "step", "id": id, "stage": stage, "index": index, "total": total, "text": text})
+                    }
+                    Event::StepDone { id, layer, millis } => json!({
+                        "type": "step_done", "id": id, "millis": millis,
+                        "layer": layer.as_ref().map(|l| json!({"digest": l.digest.to_string(), "size": l.size, "mediaType": l.media_type.to_string()})),
+                    }),
+                    Event::Warning(m) => json!({"type": "warning", "message": m}),
+                };
+                self.line(&v.to_string());
+            }
+            (_, Event::Warning(m)) => {
+                self.line(&format!("WARNING: {m}"));
+            }
+            (
+                Mode::Plain,
+                Event::Step {
+                    id,
+                    stage,
+                    index,
+                    total,
+                    text,
+                },
+            ) => self.line(&format!("#{id} [{stage} {index}/{total}] {text}")),
+            (Mode::Plain, Event::StepDone { id, layer, millis }) => {
+                let extra = layer
+                    .as_ref()
+                    .map(|l| format!(" (layer {} {})", l.digest.short(), human_size(l.size)))
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "#{id} DONE {:.1}s{extra}",
+                    *millis as f64 / 1000.0
+                ));
+            }
+            (
+                Mode::Tty,
+                Event::Step {
+                    id,
+                    stage,
+                    index,
+                    total,
+                    text,
+                },
+            ) => {
+                let bar = ProgressBar::new_spinner();
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                        .expect("static template is valid"),
+                );
+                let msg = format!("[{stage} {index}/{total}] {text}");
+                bar.set_message(msg.clone());
+                bar.enable_steady_tick(std::time::Duration::from_millis(100));
+                self.bars.insert(*id, (bar, msg));
+            }
+            (Mode::Tty, Event::StepDone { id, layer, millis }) => {
+                if let Some((bar, msg)) = self.bars.remove(id) {
+                    let extra = layer
+                        .as_ref()
+                        .map(|l| format!("  {}", human_size(l.size)))
+                        .unwrap_or_default();
+                    bar.finish_and_clear();
+                    self.line(&format!("✔ {msg}  {:.1}s{extra}", *millis as f64 / 1000.0));
+                }
+            }
+        }
+    }
+
+    /// Stop any spinners left (a failed step).
+    pub fn finish(&mut self) {
+        for (_, (bar, msg)) in self.bars.drain() {
+            bar.finish_and_clear();
+            if self.mode == Mode::Tty {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "✘ {msg}");
+            }
+        }
+    }
+
+    /// A remark (plain/tty only).
+    pub fn note(&self, s: &str) {
+        if matches!(self.mode, Mode::Plain | Mode::Tty) {
+            self.line(s);
+        }
+    }
+
+    /// The final result.
+    pub fn result(&self, digest: &Digest, tags: &[ImageName]) {
+        match self.mode {
+            Mode::Json => {
+                let names: Vec<String> = tags.iter().map(ToString::to_string).collect();
+                self.line(
+                    &json!({"type": "result", "digest": digest.to_string(), "tags": names})
+                        .to_string(),
+                );
+            }
+            Mode::Plain | Mode::Tty => {
+                for t in tags {
+                    self.line(&format!("tagged {t}"));
+                }
+            }
+            Mode::Quiet => {}
+        }
+    }
+}
