@@ -242,10 +242,10 @@ fn apply_meta(e: &mut Entry, spec: &CopySpec) {
         e.uid = 0;
         e.gid = 0;
     }
-    if let Some(m) = spec.chmod {
-        if !matches!(e.kind, EntryKind::Symlink { .. }) {
-            e.mode = m;
-        }
+    if let Some(m) = spec.chmod
+        && !matches!(e.kind, EntryKind::Symlink { .. })
+    {
+        e.mode = m;
     }
 }
 

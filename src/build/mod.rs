@@ -162,7 +162,7 @@ impl Ctx<'_> {
         let dir = tempfile::Builder::new()
             .prefix("spool-")
             .tempdir_in(self.work.path())
-            .map_err(|e| StoreError::Io(e))?;
+            .map_err(StoreError::Io)?;
         Ok(dir.keep())
     }
 }
@@ -347,12 +347,11 @@ fn needed_stages(stages: &Stages, target: usize, ctx: &Ctx) -> Result<Vec<usize>
             todo.push(j);
         }
         for step in &s.steps {
-            if let Instruction::Copy(c) = &step.instruction {
-                if let Some(from) = &c.from {
-                    if let Some(j) = stage_ref(stages, i, from) {
-                        todo.push(j);
-                    }
-                }
+            if let Instruction::Copy(c) = &step.instruction
+                && let Some(from) = &c.from
+                && let Some(j) = stage_ref(stages, i, from)
+            {
+                todo.push(j);
             }
         }
     }

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Build an image from a Dockerfile.
-    Build(build::BuildArgs),
+    Build(Box<build::BuildArgs>),
     /// List images in the local store.
     Images(images::ImagesArgs),
     /// Show an image's manifest and config.
@@ -85,7 +85,7 @@ pub fn main() -> ExitCode {
         .without_time()
         .init();
     let result = match cli.command {
-        Command::Build(a) => build::run(a),
+        Command::Build(a) => build::run(*a),
         Command::Images(a) => images::images(a),
         Command::Inspect(a) => images::inspect(a),
         Command::Rmi(a) => images::rmi(a),

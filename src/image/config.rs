@@ -93,10 +93,10 @@ impl ConfigFile {
             let keys: Vec<String> = cfg.keys().cloned().collect();
             for k in keys {
                 if !OCI_CONFIG_KEYS.contains(&k.as_str()) {
-                    if let Some(v) = cfg.remove(&k) {
-                        if !v.is_null() {
-                            extra.insert(k, v);
-                        }
+                    if let Some(v) = cfg.remove(&k)
+                        && !v.is_null()
+                    {
+                        extra.insert(k, v);
                     }
                 } else if cfg.get(&k).is_some_and(Value::is_null) {
                     cfg.remove(&k);
@@ -104,10 +104,10 @@ impl ConfigFile {
             }
         }
         // Docker writes `"config": null`, `"Env": null` etc.; oci-spec wants absence.
-        if value.get("config").is_some_and(Value::is_null) {
-            if let Some(o) = value.as_object_mut() {
-                o.remove("config");
-            }
+        if value.get("config").is_some_and(Value::is_null)
+            && let Some(o) = value.as_object_mut()
+        {
+            o.remove("config");
         }
         let oci: ImageConfiguration = serde_json::from_value(value).map_err(json)?;
         Ok(ConfigFile { oci, extra })
@@ -116,15 +116,15 @@ impl ConfigFile {
     /// The canonical bytes of this config (sorted keys, compact).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = serde_json::to_value(&self.oci).expect("config serialises");
-        if !self.extra.is_empty() {
-            if let Some(obj) = v.as_object_mut() {
-                let cfg = obj
-                    .entry("config")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Some(cfg) = cfg.as_object_mut() {
-                    for (k, x) in &self.extra {
-                        cfg.insert(k.clone(), x.clone());
-                    }
+        if !self.extra.is_empty()
+            && let Some(obj) = v.as_object_mut()
+        {
+            let cfg = obj
+                .entry("config")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(cfg) = cfg.as_object_mut() {
+                for (k, x) in &self.extra {
+                    cfg.insert(k.clone(), x.clone());
                 }
             }
         }

@@ -173,14 +173,14 @@ impl BlobWriter {
     /// Finish: fsync, then rename to its digest's path. With `expected`, refuse other content.
     pub fn commit(self, expected: Option<Digest>) -> Result<(Digest, u64), StoreError> {
         let (digest, size, buf) = self.inner.finish();
-        if let Some(e) = expected {
-            if e != digest {
-                return Err(DigestError::Mismatch {
-                    expected: e,
-                    found: digest,
-                }
-                .into());
+        if let Some(e) = expected
+            && e != digest
+        {
+            return Err(DigestError::Mismatch {
+                expected: e,
+                found: digest,
             }
+            .into());
         }
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
         let dest = self.store.blob_path(&digest);

@@ -61,10 +61,10 @@ fn domain_ok(d: &str) -> bool {
         Some((h, p)) => (h, Some(p)),
         None => (d, None),
     };
-    if let Some(p) = port {
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return false;
-        }
+    if let Some(p) = port
+        && (p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return false;
     }
     if host.starts_with('[') && host.ends_with(']') {
         return true;
@@ -111,12 +111,12 @@ impl FromStr for ImageName {
             Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
             None => (rest, None),
         };
-        if let Some(t) = tag {
-            if !tag_ok(t) {
-                return Err(err(
-                    "a tag is 1-128 characters of letters, digits, '_', '.', '-', not starting with '.' or '-'",
-                ));
-            }
+        if let Some(t) = tag
+            && !tag_ok(t)
+        {
+            return Err(err(
+                "a tag is 1-128 characters of letters, digits, '_', '.', '-', not starting with '.' or '-'",
+            ));
         }
         let mut parts: Vec<&str> = repository.split('/').collect();
         if parts.len() > 1 {
