@@ -150,8 +150,12 @@ impl Ctx<'_> {
         if self.context_tree.is_none() {
             let ctx = LocalContext::open(&self.opts.context)?;
             let ignore = Dockerignore::load(ctx.context_dir(), &self.opts.dockerfile_path)?;
+            let mut entries = ctx.entries(&ignore)?;
+            for e in &mut entries {
+                e.mode = context_mode(e);
+            }
             let mut tree = FsTree::new();
-            tree.apply_entries(&ctx.entries(&ignore)?)?;
+            tree.apply_entries(&entries)?;
             self.context_tree = Some(tree);
         }
         Ok(self.context_tree.as_ref().expect("set above"))
@@ -164,6 +168,18 @@ impl Ctx<'_> {
             .tempdir_in(self.work.path())
             .map_err(StoreError::Io)?;
         Ok(dir.keep())
+    }
+}
+
+/// The mode a context file gets in the image: what git can record, so that a checkout's
+/// umask never changes a digest. Directories 0755; files 0755 when the owner may execute them,
+/// else 0644; symlinks 0777. Other bits (setuid, group write, …) come only from `--chmod`.
+fn context_mode(e: &crate::layer::Entry) -> u32 {
+    match e.kind {
+        crate::layer::EntryKind::Dir => 0o755,
+        crate::layer::EntryKind::Symlink { .. } => 0o777,
+        crate::layer::EntryKind::File { .. } if e.mode & 0o100 != 0 => 0o755,
+        crate::layer::EntryKind::File { .. } => 0o644,
     }
 }
 
