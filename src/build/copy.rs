@@ -166,12 +166,9 @@ pub(super) fn plan(
         }
         match &node.kind {
             NodeKind::Dir => {
-                let dir_target = if dest_is_dir && count > 1 && wildcard {
-                    // `COPY dir* /dest/` copies each matched directory's contents into /dest.
-                    dest_real.clone()
-                } else {
-                    dest_real.clone()
-                };
+                // A directory source copies its contents into the destination (for
+                // `COPY a* /dest/` too: each matched directory's contents land in /dest).
+                let dir_target = dest_real.clone();
                 if !dir_target.as_os_str().is_empty() && dest_tree.get(&dir_target).is_none() {
                     let mut e = Entry::dir(dir_target.clone(), spec.chmod.unwrap_or(0o755), 0, 0);
                     (e.uid, e.gid) = spec.chown.unwrap_or((0, 0));

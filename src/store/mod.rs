@@ -295,15 +295,20 @@ impl Store {
     /// Store an image's manifest and config (its layers must already be stored) and, if
     /// `names` are given, tag it under each. Refuses to tag when any blob is missing.
     pub fn commit_image(&self, image: &Image, names: &[ImageName]) -> Result<Digest, StoreError> {
-        for l in &image.manifest.layers {
-            if !self.has_blob(&l.digest) {
-                return Err(StoreError::MissingBlob(l.digest));
-            }
-        }
         self.put_bytes(&image.config_bytes)?;
         let digest = self.put_bytes(&image.manifest_bytes)?;
         let desc = image.descriptor();
+        // Checked under the lock: `remove` deletes unreferenced blobs under the same lock, so
+        // once this check passes nothing can take a blob away before the tag is written.
         let _lock = lock::Lock::exclusive(&self.root)?;
+        for d in std::iter::once(&image.manifest.config.digest)
+            .chain(image.manifest.layers.iter().map(|l| &l.digest))
+            .chain(std::iter::once(&digest))
+        {
+            if !self.has_blob(d) {
+                return Err(StoreError::MissingBlob(*d));
+            }
+        }
         let mut index = OciIndex::read(&self.root)?;
         if names.is_empty() {
             if !index.manifests.iter().any(|d| d.digest == digest) {
