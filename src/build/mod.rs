@@ -20,7 +20,7 @@ use crate::image::Image;
 use crate::layer::{FsTree, LayerError};
 use crate::media::{Compression, Descriptor, Platform};
 use crate::source::{Dockerignore, LocalContext, SourceError};
-use crate::store::{ImageName, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 use stage::{StageState, execute_stage};
 
@@ -67,8 +67,6 @@ pub struct BuildOptions {
     pub source_date_epoch: i64,
     /// Worker threads for compression (output does not depend on it).
     pub threads: u32,
-    /// Names to tag the result with.
-    pub tags: Vec<ImageName>,
 }
 
 /// Progress of a build, for the CLI to render.
@@ -199,7 +197,8 @@ fn platform_args(target: &Platform) -> BTreeMap<String, String> {
     m
 }
 
-/// Build the Dockerfile in `opts` into `store`, tagging the result with `opts.tags`.
+/// Build the Dockerfile in `opts` into `store`. Every blob of the result is stored; tagging
+/// it ([`Store::commit_image`]) is the caller's last step, after any export has succeeded.
 pub fn build(
     store: &Store,
     opts: &BuildOptions,
@@ -261,7 +260,8 @@ pub fn build(
         .oci
         .set_created(Some(crate::image::rfc3339(opts.source_date_epoch)));
     let image = Image::assemble(last.config, &last.layers).map_err(StoreError::from)?;
-    let digest = store.commit_image(&image, &opts.tags)?;
+    store.put_bytes(&image.config_bytes)?;
+    let digest = store.put_bytes(&image.manifest_bytes)?;
     Ok(BuildOutput { image, digest })
 }
 

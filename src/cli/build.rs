@@ -153,11 +153,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         return Err(UsageError("--source-date-epoch must not be negative".into()).into());
     }
     if !a.context.is_dir() {
-        return Err(UsageError(format!(
-            "build context {} is not a directory",
-            a.context.display()
-        ))
-        .into());
+        anyhow::bail!("build context {} is not a directory", a.context.display());
     }
     let dockerfile_path = a
         .file
@@ -183,7 +179,6 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         compression_level: a.compression_level,
         source_date_epoch,
         threads: threads.max(1),
-        tags,
     };
     let mode = if a.quiet {
         Mode::Quiet
@@ -196,15 +191,16 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     renderer.finish();
     let out = result?;
     for target in &outputs {
-        store::export(&store, &out.image.descriptor(), target)
-            .with_context(|| format!("export to {target}"))?;
+        store::export(&store, &out.image.descriptor(), target)?;
         renderer.note(&format!("exported to {target}"));
     }
+    // Tag last: a failed export leaves every name where it was.
+    store.commit_image(&out.image, &tags)?;
     if let Some(f) = &a.iidfile {
         fs_err::write(f, out.digest.to_string())?;
     }
     if let Some(f) = &a.metadata_file {
-        let names: Vec<String> = opts.tags.iter().map(ToString::to_string).collect();
+        let names: Vec<String> = tags.iter().map(ToString::to_string).collect();
         let meta = json!({
             "containerimage.digest": out.digest.to_string(),
             "containerimage.config.digest": out.image.manifest.config.digest.to_string(),
@@ -213,7 +209,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         });
         fs_err::write(f, serde_json::to_vec_pretty(&meta)?)?;
     }
-    renderer.result(&out.digest, &opts.tags);
+    renderer.result(&out.digest, &tags);
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", out.digest)?;
     Ok(ExitCode::SUCCESS)

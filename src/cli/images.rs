@@ -197,7 +197,7 @@ pub(super) fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let target: ExportTarget = a.output.parse().map_err(UsageError)?;
     let store = open_store()?;
     let desc = store.resolve(&a.reference)?;
-    store::export(&store, &desc, &target).with_context(|| format!("export to {target}"))?;
+    store::export(&store, &desc, &target)?;
     println!("{}", desc.digest);
     Ok(ExitCode::SUCCESS)
 }

@@ -198,6 +198,7 @@ fn export_oci_dir(
         let mut w = io::BufWriter::new(tmp);
         io::copy(&mut store.open_blob(&d.digest)?, &mut w)?;
         let tmp = w.into_inner().map_err(|e| e.into_error())?;
+        super::readable(tmp.as_file())?;
         tmp.as_file().sync_all()?;
         tmp.persist(&dest).map_err(|e| e.error)?;
     }
@@ -287,6 +288,7 @@ fn write_archive(store: &Store, file: &Path, entries: Vec<Entry>) -> Result<(), 
         .compression(Compression::None)
         .write(entries, io::BufWriter::with_capacity(1 << 20, tmp))?;
     let tmp = w.into_inner().map_err(|e| e.into_error())?;
+    super::readable(tmp.as_file())?;
     tmp.as_file().sync_all()?;
     tmp.persist(file).map_err(|e| StoreError::Export {
         target: file.display().to_string(),

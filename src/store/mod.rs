@@ -128,6 +128,13 @@ impl OciIndex {
     }
 }
 
+/// Make a finished temp file readable by everyone (temp files are created 0600), as the
+/// store and exported layouts are meant to be shared.
+pub(crate) fn readable(f: &std::fs::File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))
+}
+
 /// Write `bytes` to `path` through a temp file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -138,6 +145,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         )
     })?;
     tmp.write_all(bytes)?;
+    readable(tmp.as_file())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| {
         io::Error::new(
@@ -187,6 +195,7 @@ impl BlobWriter {
         if dest.exists() {
             return Ok((digest, size));
         }
+        readable(tmp.as_file())?;
         tmp.as_file().sync_all()?;
         tmp.persist(&dest).map_err(|e| {
             io::Error::new(
@@ -348,6 +357,10 @@ impl Store {
             let d: Digest = digest.parse()?;
             return self.descriptor_for_digest(&list, d).ok_or_else(not_found);
         }
+        let reference = match reference.strip_prefix("sha256:") {
+            Some(prefix) if prefix.len() < 64 => prefix,
+            _ => reference,
+        };
         let hexlike = reference.len() >= 4
             && reference.len() <= 64
             && reference

@@ -690,3 +690,35 @@ fn exports_are_read_by_skopeo_and_umoci() {
     );
     env.fsck();
 }
+
+#[test]
+fn exported_layouts_are_world_readable_and_short_digests_resolve() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let digest = env.build(&crate::common::fixture("sample"), &["-t", "perm"]);
+    let short = &digest[..7 + 12];
+    assert_eq!(
+        env.ok(&["inspect", short, "--format", ".Digest"]).trim(),
+        digest
+    );
+    let layout = env.path("perm-layout");
+    env.ok(&[
+        "export",
+        "perm",
+        "--output",
+        &format!("oci:{}", layout.display()),
+    ]);
+    for dir in [
+        layout.clone(),
+        layout.join("blobs/sha256"),
+        env.home().join("blobs/sha256"),
+    ] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() && e.file_name() != "lock" {
+                let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o644, "{} is {mode:o}", e.path().display());
+            }
+        }
+    }
+}
