@@ -1,0 +1,13 @@
+//! The OCI distribution protocol, spoken natively
+//! (<https://github.com/opencontainers/distribution-spec/blob/main/spec.md>): references,
+//! credentials, the token dance (incl. ACR's exchange), a retrying HTTP client with a
+//! resumable upload engine, and pull/push/copy built on it.
+
+mod credential;
+mod reference;
+
+pub use credential::{
+    Anonymous, Credential, CredentialFuture, CredentialLookupError, CredentialProvider, Fixed,
+    Secret,
+};
+pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host};
