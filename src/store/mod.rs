@@ -235,6 +235,32 @@ impl Store {
         self.blob_path(d).is_file()
     }
 
+    /// Remember that blob `d` can be fetched from `repository` (`registry/repo`): images
+    /// based on registry images keep their base layers there until something needs the bytes
+    /// (like containerd's distribution-source labels).
+    pub fn set_blob_source(&self, d: &Digest, repository: &str) -> Result<(), StoreError> {
+        let dir = self.root.join("sources/sha256");
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(d.hex());
+        if fs::read_to_string(&path).ok().as_deref() == Some(repository) {
+            return Ok(());
+        }
+        write_atomic(&path, repository.as_bytes())?;
+        Ok(())
+    }
+
+    /// Where blob `d` can be fetched from, if it was recorded.
+    pub fn blob_source(&self, d: &Digest) -> Option<String> {
+        fs::read_to_string(self.root.join("sources/sha256").join(d.hex()))
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Whether a blob is present or can be fetched from a recorded source.
+    pub fn has_blob_or_source(&self, d: &Digest) -> bool {
+        self.has_blob(d) || self.blob_source(d).is_some()
+    }
+
     /// A directory for scratch files of one operation; removed when dropped.
     pub fn temp_dir(&self) -> Result<tempfile::TempDir, StoreError> {
         Ok(tempfile::Builder::new()
@@ -310,12 +336,14 @@ impl Store {
         // Checked under the lock: `remove` deletes unreferenced blobs under the same lock, so
         // once this check passes nothing can take a blob away before the tag is written.
         let _lock = lock::Lock::exclusive(&self.root)?;
-        for d in std::iter::once(&image.manifest.config.digest)
-            .chain(image.manifest.layers.iter().map(|l| &l.digest))
-            .chain(std::iter::once(&digest))
-        {
+        for d in [&image.manifest.config.digest, &digest] {
             if !self.has_blob(d) {
                 return Err(StoreError::MissingBlob(*d));
+            }
+        }
+        for l in &image.manifest.layers {
+            if !self.has_blob_or_source(&l.digest) {
+                return Err(StoreError::MissingBlob(l.digest));
             }
         }
         let mut index = OciIndex::read(&self.root)?;
