@@ -535,3 +535,437 @@ fn jwt_claims(token: &str) -> Option<Claims> {
     );
     serde_json::from_slice(&engine.decode(payload).ok()?).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const T0: u64 = 1_700_000_000;
+
+    #[derive(Clone, Debug)]
+    struct Req {
+        path: String,
+        form: HashMap<String, String>,
+    }
+
+    type Handler = dyn Fn(&Req, usize) -> (u16, String) + Send + Sync;
+
+    /// A loopback HTTP/1.1 server answering each request with `handler(request, index)`.
+    struct Server {
+        base: String,
+        requests: Arc<Mutex<Vec<Req>>>,
+    }
+
+    impl Server {
+        fn start(handler: impl Fn(&Req, usize) -> (u16, String) + Send + Sync + 'static) -> Server {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let seen = requests.clone();
+            let handler: Arc<Handler> = Arc::new(handler);
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let form = url::form_urlencoded::parse(&body).into_owned().collect();
+                    let req = Req { path, form };
+                    let index = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(req.clone());
+                        seen.len() - 1
+                    };
+                    let (status, body) = handler(&req, index);
+                    let mut stream = reader.into_inner();
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+            Server { base, requests }
+        }
+
+        fn requests(&self) -> Vec<Req> {
+            self.requests.lock().unwrap().clone()
+        }
+
+        fn count(&self, path_end: &str) -> usize {
+            self.requests()
+                .iter()
+                .filter(|r| r.path.ends_with(path_end))
+                .count()
+        }
+    }
+
+    fn jwt(claims: Value) -> String {
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            e.encode(r#"{"alg":"RS256"}"#),
+            e.encode(claims.to_string())
+        )
+    }
+
+    /// Entra at `/<tenant>/oauth2/v2.0/token`, ACR at `/oauth2/exchange`; tokens numbered by
+    /// request so refreshes are visible.
+    fn entra_and_acr(refresh_exp: Option<u64>) -> Server {
+        Server::start(move |req, i| match req.path.as_str() {
+            "/oauth2/exchange" => {
+                let token = match refresh_exp {
+                    Some(exp) => jwt(serde_json::json!({"exp": exp, "n": i})),
+                    None => format!("acr-refresh-{i}"),
+                };
+                (200, serde_json::json!({"refresh_token": token}).to_string())
+            }
+            p if p.ends_with("/oauth2/v2.0/token") => (
+                200,
+                serde_json::json!({"token_type": "Bearer", "expires_in": 3599,
+                                   "access_token": format!("entra-{i}")})
+                .to_string(),
+            ),
+            _ => (404, "{}".into()),
+        })
+    }
+
+    struct TestClock(Arc<AtomicU64>);
+
+    impl TestClock {
+        fn new() -> TestClock {
+            TestClock(Arc::new(AtomicU64::new(T0)))
+        }
+        fn advance(&self, secs: u64) {
+            self.0.fetch_add(secs, Ordering::SeqCst);
+        }
+        fn now(&self) -> impl Fn() -> SystemTime + Send + Sync + 'static {
+            let t = self.0.clone();
+            move || UNIX_EPOCH + Duration::from_secs(t.load(Ordering::SeqCst))
+        }
+    }
+
+    fn workload(server: &Server, file: &Path) -> AadSource {
+        AadSource::WorkloadIdentity(
+            WorkloadIdentity::new(
+                "client-id-1",
+                "tenant-1",
+                file,
+                Some(&format!("http://{}", server.base)),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn provider(server: &Server, source: AadSource, clock: &TestClock) -> AcrProvider {
+        AcrProvider::new(source)
+            .unwrap()
+            .registries(["*.azurecr.io", server.base.as_str()])
+            .plain_http_loopback(true)
+            .clock(clock.now())
+    }
+
+    #[tokio::test]
+    async fn workload_identity_exchange_cached_and_renewed() {
+        let server = entra_and_acr(Some(T0 + 3 * 3600));
+        let dir = tempfile::tempdir().unwrap();
+        let fed = dir.path().join("azure-identity-token");
+        std::fs::write(&fed, "federated-assertion-1\n").unwrap();
+        let clock = TestClock::new();
+        let p = provider(&server, workload(&server, &fed), &clock);
+
+        let first = p.credential(&server.base).await.unwrap();
+        let second = p.credential(&server.base).await.unwrap();
+        assert_eq!(first, second);
+        assert!(matches!(first, Some(Credential::IdentityToken(_))));
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2, "{reqs:?}");
+        let (token, exchange) = (&reqs[0], &reqs[1]);
+        assert_eq!(token.path, "/tenant-1/oauth2/v2.0/token");
+        for (k, v) in [
+            ("client_id", "client-id-1"),
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", "federated-assertion-1"),
+            ("scope", "https://containerregistry.azure.net/.default"),
+        ] {
+            assert_eq!(token.form.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        assert_eq!(exchange.path, "/oauth2/exchange");
+        for (k, v) in [
+            ("grant_type", "access_token"),
+            ("service", server.base.as_str()),
+            ("access_token", "entra-0"),
+            ("tenant", "tenant-1"),
+        ] {
+            assert_eq!(exchange.form.get(k).map(String::as_str), Some(v), "{k}");
+        }
+
+        // Within five minutes of the refresh token's exp: both tokens renewed, the rotated
+        // federated token re-read.
+        std::fs::write(&fed, "federated-assertion-2").unwrap();
+        clock.advance(3 * 3600 - 4 * 60);
+        let third = p.credential(&server.base).await.unwrap();
+        assert_ne!(third, first);
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 4, "{reqs:?}");
+        assert_eq!(reqs[2].form["client_assertion"], "federated-assertion-2");
+        assert_eq!(reqs[3].form["access_token"], "entra-2");
+    }
+
+    #[tokio::test]
+    async fn entra_token_reused_across_registries_until_it_expires() {
+        let server = entra_and_acr(None);
+        let dir = tempfile::tempdir().unwrap();
+        let fed = dir.path().join("fed");
+        std::fs::write(&fed, "assertion").unwrap();
+        let clock = TestClock::new();
+        // "localhost:port" is a second name for the same loopback server.
+        let other = server.base.replace("127.0.0.1", "localhost");
+        let p = provider(&server, workload(&server, &fed), &clock)
+            .registries([server.base.clone(), other.clone()]);
+        p.refresh_token(&server.base).await.unwrap();
+        p.refresh_token(&other).await.unwrap();
+        assert_eq!(server.count("/v2.0/token"), 1);
+        assert_eq!(server.count("/oauth2/exchange"), 2);
+        // the entra token (3599 s) is stale after 55 min, the opaque refresh token (3 h) not
+        clock.advance(56 * 60);
+        p.refresh_token(&server.base).await.unwrap();
+        assert_eq!(server.count("/oauth2/exchange"), 2);
+        // an opaque refresh token is assumed to live 3 h
+        clock.advance(2 * 3600);
+        p.refresh_token(&server.base).await.unwrap();
+        assert_eq!(server.count("/v2.0/token"), 2);
+        assert_eq!(server.count("/oauth2/exchange"), 3);
+        // forget() forces a new exchange
+        p.forget(&server.base).await;
+        p.refresh_token(&server.base).await.unwrap();
+        assert_eq!(server.count("/oauth2/exchange"), 4);
+    }
+
+    #[tokio::test]
+    async fn token_file_source_sends_the_file_and_its_tenant() {
+        let server = entra_and_acr(None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("aad-token");
+        let entra = jwt(serde_json::json!({"tid": "tenant-from-token", "exp": T0 + 3600}));
+        std::fs::write(&file, format!("{entra}\n")).unwrap();
+        let clock = TestClock::new();
+        let p = provider(&server, AadSource::TokenFile(file), &clock);
+        let c = p.credential(&server.base).await.unwrap();
+        assert_eq!(
+            c,
+            Some(Credential::IdentityToken(Secret::new("acr-refresh-0")))
+        );
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].form["access_token"], entra);
+        assert_eq!(reqs[0].form["tenant"], "tenant-from-token");
+        assert_eq!(reqs[0].form["grant_type"], "access_token");
+    }
+
+    #[tokio::test]
+    async fn other_registries_go_to_the_fallback() {
+        let server = entra_and_acr(None);
+        let clock = TestClock::new();
+        let fixed = Credential::Basic {
+            username: "u".into(),
+            password: Secret::new("p"),
+        };
+        let p = provider(&server, AadSource::TokenFile("/nonexistent".into()), &clock)
+            .fallback(Arc::new(super::super::credential::Fixed(fixed.clone())));
+        assert!(p.handles("myorgaltinnregistry01.azurecr.io"));
+        assert!(p.handles("MyOrg.AzureCR.io"));
+        assert!(!p.handles("azurecr.io"));
+        assert!(!p.handles("evil.azurecr.io.example.com"));
+        assert!(!p.handles("docker.io"));
+        assert_eq!(p.credential("ghcr.io").await.unwrap(), Some(fixed));
+        assert!(server.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_or_empty_federated_token_file_is_named() {
+        let server = entra_and_acr(None);
+        let dir = tempfile::tempdir().unwrap();
+        let clock = TestClock::new();
+        let missing = dir.path().join("no-such-token");
+        let p = provider(&server, workload(&server, &missing), &clock);
+        let e = p.refresh_token(&server.base).await.unwrap_err();
+        assert!(
+            matches!(e, CredentialError::FederatedTokenFile { .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("federated token file"), "{e}");
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let p = provider(&server, workload(&server, &empty), &clock);
+        let e = p.refresh_token(&server.base).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("token file {} is empty", empty.display())
+        );
+
+        let p = provider(&server, AadSource::TokenFile(missing.clone()), &clock);
+        let e = p.refresh_token(&server.base).await.unwrap_err();
+        assert!(e.to_string().contains("entra token file"), "{e}");
+        assert!(server.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refusals_are_explained_without_secrets() {
+        // Entra refuses, echoing the assertion; ACR refuses, echoing the token.
+        let server = Server::start(|req, _| match req.path.as_str() {
+            "/oauth2/exchange" => (
+                401,
+                serde_json::json!({"errors": [{"code": "UNAUTHORIZED",
+                    "message": format!("bad token {}", req.form["access_token"])}]})
+                .to_string(),
+            ),
+            _ => (
+                400,
+                serde_json::json!({"error": "invalid_client",
+                    "error_description": format!("AADSTS70021: No matching federated identity \
+                        record found for presented assertion {}", req.form["client_assertion"])})
+                .to_string(),
+            ),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fed = dir.path().join("fed");
+        std::fs::write(&fed, "SECRET-ASSERTION").unwrap();
+        let clock = TestClock::new();
+        let p = provider(&server, workload(&server, &fed), &clock);
+        let e = p.credential(&server.base).await.unwrap_err();
+        let shown = format!("{e} | {e:?}");
+        assert!(shown.contains("http 400"), "{shown}");
+        assert!(shown.contains("invalid_client: AADSTS70021"), "{shown}");
+        assert!(!shown.contains("SECRET-ASSERTION"), "{shown}");
+
+        let tok = dir.path().join("tok");
+        std::fs::write(&tok, "SECRET-ENTRA-TOKEN").unwrap();
+        let p = provider(&server, AadSource::TokenFile(tok), &clock);
+        let e = p.refresh_token(&server.base).await.unwrap_err();
+        let shown = format!("{e} | {e:?} | {p:?}");
+        assert!(shown.contains("http 401"), "{shown}");
+        assert!(
+            shown.contains("UNAUTHORIZED: bad token <redacted>"),
+            "{shown}"
+        );
+        assert!(!shown.contains("SECRET-ENTRA-TOKEN"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        let server = Server::start(|req, _| match req.path.as_str() {
+            "/oauth2/exchange" => (200, r#"{"access_token": "SECRET-WRONG-FIELD"}"#.into()),
+            _ => (200, "<html>SECRET</html>".into()),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let fed = dir.path().join("fed");
+        std::fs::write(&fed, "a").unwrap();
+        let clock = TestClock::new();
+        let e = provider(&server, workload(&server, &fed), &clock)
+            .refresh_token(&server.base)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().ends_with("not json"), "{e}");
+        let e = provider(&server, AadSource::TokenFile(fed), &clock)
+            .refresh_token(&server.base)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().ends_with("no refresh_token"), "{e}");
+        assert!(!format!("{e:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn authority_must_be_https_unless_loopback() {
+        let ok = WorkloadIdentity::new("c", "t", "/f", None).unwrap();
+        assert_eq!(
+            ok.token_url().unwrap().as_str(),
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+        );
+        let sov = WorkloadIdentity::new("c", "t", "/f", Some("https://login.microsoftonline.us"))
+            .unwrap();
+        assert_eq!(
+            sov.token_url().unwrap().as_str(),
+            "https://login.microsoftonline.us/t/oauth2/v2.0/token"
+        );
+        assert!(WorkloadIdentity::new("c", "t", "/f", Some("http://127.0.0.1:8080")).is_ok());
+        let e =
+            WorkloadIdentity::new("c", "t", "/f", Some("http://login.example.com/")).unwrap_err();
+        assert!(e.to_string().contains("only allowed to loopback"), "{e}");
+        assert!(WorkloadIdentity::new("c", "../x", "/f", None).is_err());
+    }
+
+    #[test]
+    fn workload_identity_from_env() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(WorkloadIdentity::from_env(env(&[])).unwrap(), None);
+        let full = WorkloadIdentity::from_env(env(&[
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_TENANT_ID", "t"),
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                "/var/run/secrets/azure/tokens/azure-identity-token",
+            ),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(full.client_id, "c");
+        let e =
+            WorkloadIdentity::from_env(env(&[("AZURE_CLIENT_ID", "c"), ("AZURE_TENANT_ID", "t")]))
+                .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "workload identity needs AZURE_FEDERATED_TOKEN_FILE to be set"
+        );
+    }
+
+    #[test]
+    fn jwt_payloads() {
+        let t = jwt(serde_json::json!({"exp": 42, "tid": "x"}));
+        let c = jwt_claims(&t).unwrap();
+        assert_eq!((c.exp, c.tid.as_deref()), (Some(42), Some("x")));
+        assert!(jwt_claims("opaque-token").is_none());
+        assert!(jwt_claims("a.b.c.d").is_none());
+    }
+}

@@ -245,11 +245,19 @@ impl CredentialStore {
         cfg: &Map<String, Value>,
         registry: &str,
     ) -> Result<Option<Credential>, CredentialError> {
-        let helpers = [
+        let mut helpers = vec![];
+        for h in [
             cred_helper(cfg, &file.path, registry)?,
             creds_store(cfg, &file.path)?,
-        ];
-        for helper in helpers.into_iter().flatten() {
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !helpers.contains(&h) {
+                helpers.push(h);
+            }
+        }
+        for helper in helpers {
             if let Some(c) = self.helper_get(&helper, registry)? {
                 return Ok(Some(c));
             }
