@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -16,66 +15,67 @@ use crate::registry::{
     TokenServer, http, is_blob_get,
 };
 
-/// The sample fixture built by strata and exported as an OCI layout (tag `s`), made once per
-/// test process; tests only read it.
-fn layout() -> &'static Path {
-    static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
-    LAYOUT.get_or_init(|| {
-        let env: &'static Env = Box::leak(Box::new(Env::new()));
+/// The sample fixture built by strata and exported as an OCI layout (tag `s`).
+struct Layout(PathBuf);
+
+impl Layout {
+    fn new(env: &Env) -> Layout {
         env.build(&fixture("sample"), &["-t", "s"]);
         let dir = env.path("layout");
-        env.ok(&["export", "s", "--output", &format!("oci:{}:s", dir.display())]);
-        dir
-    })
-}
+        env.ok(&[
+            "export",
+            "s",
+            "--output",
+            &format!("oci:{}:s", dir.display()),
+        ]);
+        Layout(dir)
+    }
 
-fn source() -> String {
-    format!("oci:{}:s", layout().display())
-}
+    /// skopeo's name for it.
+    fn source(&self) -> String {
+        format!("oci:{}:s", self.0.display())
+    }
 
-/// The layout's manifest digest (skopeo copies it unchanged).
-fn manifest_digest() -> String {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout().join("index.json")).expect("index.json"))
-            .expect("index json");
-    index["manifests"][0]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_string()
-}
-
-/// Every blob of the layout (manifest, config, layers) with its size.
-fn layout_blobs() -> Vec<(String, u64)> {
-    let dir = layout().join("blobs/sha256");
-    let mut out: Vec<(String, u64)> = std::fs::read_dir(&dir)
-        .expect("layout blobs")
-        .map(|e| {
-            let e = e.expect("entry");
-            let size = e.metadata().expect("metadata").len();
-            (format!("sha256:{}", e.file_name().to_string_lossy()), size)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The config descriptor of the layout's manifest: (digest, size).
-fn config_blob() -> (String, u64) {
-    let hex = manifest_digest()
-        .strip_prefix("sha256:")
-        .expect("sha256")
-        .to_string();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(layout().join("blobs/sha256").join(hex)).expect("manifest"),
-    )
-    .expect("manifest json");
-    (
-        manifest["config"]["digest"]
+    /// The manifest digest (skopeo copies the manifest unchanged).
+    fn manifest_digest(&self) -> String {
+        let index = json(&self.0.join("index.json"));
+        index["manifests"][0]["digest"]
             .as_str()
-            .expect("config digest")
-            .to_string(),
-        manifest["config"]["size"].as_u64().expect("config size"),
-    )
+            .expect("digest")
+            .to_string()
+    }
+
+    /// Every blob (manifest, config, layers) with its size, sorted.
+    fn blobs(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = std::fs::read_dir(self.0.join("blobs/sha256"))
+            .expect("layout blobs")
+            .map(|e| {
+                let e = e.expect("entry");
+                let size = e.metadata().expect("metadata").len();
+                (format!("sha256:{}", e.file_name().to_string_lossy()), size)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The config descriptor: (digest, size).
+    fn config(&self) -> (String, u64) {
+        let digest = self.manifest_digest();
+        let hex = digest.strip_prefix("sha256:").expect("sha256");
+        let manifest = json(&self.0.join("blobs/sha256").join(hex));
+        (
+            manifest["config"]["digest"]
+                .as_str()
+                .expect("config digest")
+                .to_string(),
+            manifest["config"]["size"].as_u64().expect("config size"),
+        )
+    }
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("read json")).expect("json")
 }
 
 /// skopeo isolated from the machine's credentials and signature policy.
@@ -117,18 +117,19 @@ fn inspect_digest(json: &str) -> String {
 #[test]
 fn anonymous_registry_takes_a_skopeo_push_and_logs_it() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let reg = Registry::anonymous();
     assert!(reg.url().starts_with("http://127.0.0.1:"), "{}", reg.url());
     let dest = format!("docker://{}", reg.image("selftest/sample:v1"));
     skopeo_ok(
         &env,
-        &["copy", "--dest-tls-verify=false", &source(), &dest],
+        &["copy", "--dest-tls-verify=false", &layout.source(), &dest],
     );
     let out = skopeo_ok(&env, &["inspect", "--tls-verify=false", &dest]);
-    assert_eq!(inspect_digest(&out), manifest_digest());
+    assert_eq!(inspect_digest(&out), layout.manifest_digest());
 
     // Storage holds exactly the layout's blobs (manifests are blobs too).
-    let expected: Vec<String> = layout_blobs().into_iter().map(|(d, _)| d).collect();
+    let expected: Vec<String> = layout.blobs().into_iter().map(|(d, _)| d).collect();
     assert_eq!(reg.blobs(), expected);
     assert_eq!(reg.blob_count(), expected.len());
 
@@ -146,11 +147,11 @@ fn anonymous_registry_takes_a_skopeo_push_and_logs_it() {
         .collect();
     let blobs: BTreeSet<String> = expected
         .into_iter()
-        .filter(|d| *d != manifest_digest())
+        .filter(|d| *d != layout.manifest_digest())
         .collect();
     assert_eq!(completed, blobs);
     // inspect read the config blob: the access log has its GET with the right size.
-    let (config, size) = config_blob();
+    let (config, size) = layout.config();
     assert!(
         reqs.iter().any(|r| r.method == "GET"
             && r.blob() == Some(config.as_str())
@@ -164,6 +165,7 @@ fn anonymous_registry_takes_a_skopeo_push_and_logs_it() {
 #[test]
 fn basic_auth_registry_wants_the_right_password() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let reg = Registry::basic("alice", "alice-s3cret");
     let dest = format!("docker://{}", reg.image("selftest/sample:v1"));
     let copy = |creds: &str| {
@@ -174,7 +176,7 @@ fn basic_auth_registry_wants_the_right_password() {
                 "--dest-tls-verify=false",
                 "--dest-creds",
                 creds,
-                &source(),
+                &layout.source(),
                 &dest,
             ],
         )
@@ -185,7 +187,7 @@ fn basic_auth_registry_wants_the_right_password() {
     assert!(stderr.contains("unauthorized"), "{stderr}");
     skopeo_fails(
         &env,
-        &["copy", "--dest-tls-verify=false", &source(), &dest],
+        &["copy", "--dest-tls-verify=false", &layout.source(), &dest],
     );
     assert_eq!(reg.blob_count(), 0);
 
@@ -205,15 +207,19 @@ fn basic_auth_registry_wants_the_right_password() {
             &dest,
         ],
     );
-    assert_eq!(inspect_digest(&out), manifest_digest());
+    assert_eq!(inspect_digest(&out), layout.manifest_digest());
     let reqs = reg.requests();
     assert!(reqs.iter().any(|r| r.status == 401), "{reqs:#?}");
-    assert!(reqs.iter().any(|r| r.manifest() == Some("v1") && r.status == 201));
+    assert!(
+        reqs.iter()
+            .any(|r| r.manifest() == Some("v1") && r.status == 201)
+    );
 }
 
 #[test]
 fn tls_registry_is_trusted_through_the_test_ca() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let ca = TestCa::new();
     let reg = Registry::tls(&ca);
     assert!(reg.url().starts_with("https://127.0.0.1:"), "{}", reg.url());
@@ -226,17 +232,24 @@ fn tls_registry_is_trusted_through_the_test_ca() {
     let stderr = skopeo_fails(&env, &["inspect", &dest]);
     assert!(stderr.contains("certificate"), "{stderr}");
 
-    skopeo_ok(&env, &["copy", "--dest-cert-dir", certs, &source(), &dest]);
+    skopeo_ok(
+        &env,
+        &["copy", "--dest-cert-dir", certs, &layout.source(), &dest],
+    );
     let out = skopeo_ok(&env, &["inspect", "--cert-dir", certs, &dest]);
-    assert_eq!(inspect_digest(&out), manifest_digest());
+    assert_eq!(inspect_digest(&out), layout.manifest_digest());
     // The harness's own client speaks TLS too (readiness, the access-log marker).
-    assert_eq!(reg.http("GET", "/v2/", &[], b"").expect("GET /v2/").status, 200);
+    assert_eq!(
+        reg.http("GET", "/v2/", &[], b"").expect("GET /v2/").status,
+        200
+    );
     assert!(reg.requests().iter().any(|r| r.manifest() == Some("v1")));
 }
 
 #[test]
 fn token_registry_accepts_the_token_servers_tokens() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let ts = TokenServer::new()
         .user("alice", "alice-token-pw")
         .user_with("bob", "bob-token-pw", &["pull"]);
@@ -250,7 +263,7 @@ fn token_registry_accepts_the_token_servers_tokens() {
                 "--dest-tls-verify=false",
                 "--dest-creds",
                 creds,
-                &source(),
+                &layout.source(),
                 to,
             ],
         )
@@ -273,7 +286,7 @@ fn token_registry_accepts_the_token_servers_tokens() {
             &dest,
         ],
     );
-    assert_eq!(inspect_digest(&out), manifest_digest());
+    assert_eq!(inspect_digest(&out), layout.manifest_digest());
     let bob_dest = format!("docker://{}", reg.image("selftest/bob:v1"));
     let bob = push("bob:bob-token-pw", &bob_dest);
     assert!(!bob.status.success(), "bob pushed without push rights");
@@ -294,9 +307,12 @@ fn token_registry_accepts_the_token_servers_tokens() {
         "{log:#?}"
     );
     assert!(
-        log.iter().any(|r| r.credential == TokenCredential::Basic("bob".into())
-            && r.scopes.iter().any(|s| s.ends_with("selftest/bob:pull,push"))
-            && !r.granted.iter().any(|g| g.contains("push"))),
+        log.iter()
+            .any(|r| r.credential == TokenCredential::Basic("bob".into())
+                && r.scopes
+                    .iter()
+                    .any(|s| s.ends_with("selftest/bob:pull,push"))
+                && !r.granted.iter().any(|g| g.contains("push"))),
         "{log:#?}"
     );
     assert!(
@@ -307,8 +323,15 @@ fn token_registry_accepts_the_token_servers_tokens() {
     let printed = format!("{log:?}");
     assert!(!printed.contains("token-pw") && !printed.contains("not-her-password"));
     let reqs = reg.requests();
-    assert!(reqs.iter().any(|r| r.manifest() == Some("v1") && r.status == 201));
-    assert!(!reqs.iter().any(|r| r.path.contains("selftest/bob") && r.status == 201));
+    assert!(
+        reqs.iter()
+            .any(|r| r.manifest() == Some("v1") && r.status == 201)
+    );
+    assert!(
+        !reqs
+            .iter()
+            .any(|r| r.path.contains("selftest/bob") && r.status == 201)
+    );
 }
 
 /// GET realm with Basic auth; returns the JSON answer.
@@ -323,8 +346,15 @@ fn get_token(ts: &TokenServer, basic: Option<&str>, query: &str) -> (u16, serde_
         .as_deref()
         .map(|a| vec![("Authorization", a)])
         .unwrap_or_default();
-    let r = http(ts.addr(), None, "GET", &format!("/token?{query}"), &headers, b"")
-        .expect("GET token");
+    let r = http(
+        ts.addr(),
+        None,
+        "GET",
+        &format!("/token?{query}"),
+        &headers,
+        b"",
+    )
+    .expect("GET token");
     (r.status, r.json())
 }
 
@@ -364,13 +394,25 @@ fn token_server_speaks_both_grant_flows() {
     let scope = "service=strata-test-registry&scope=repository%3Aflows%3Apull%2Cpush";
 
     // GET, Basic, offline_token: a token the registry accepts, and a refresh token.
-    let (status, answer) = get_token(&ts, Some("alice:alice-pw"), &format!("{scope}&offline_token=true"));
+    let (status, answer) = get_token(
+        &ts,
+        Some("alice:alice-pw"),
+        &format!("{scope}&offline_token=true"),
+    );
     assert_eq!(status, 200, "{answer}");
     let token = answer["token"].as_str().expect("token");
     assert_eq!(answer["access_token"], answer["token"]);
     assert!(answer["expires_in"].as_u64().expect("expires_in") >= 1);
-    assert!(answer["issued_at"].as_str().expect("issued_at").ends_with('Z'));
-    let refresh = answer["refresh_token"].as_str().expect("refresh_token").to_string();
+    assert!(
+        answer["issued_at"]
+            .as_str()
+            .expect("issued_at")
+            .ends_with('Z')
+    );
+    let refresh = answer["refresh_token"]
+        .as_str()
+        .expect("refresh_token")
+        .to_string();
     assert_eq!(start_upload(&reg, "flows", token), 202);
 
     // The JWT has what the spec asks for.
@@ -401,15 +443,23 @@ fn token_server_speaks_both_grant_flows() {
             &format!("grant_type=refresh_token&refresh_token={rt}&client_id=strata&{scope}"),
         );
         assert_eq!(status, 200, "{answer}");
-        assert_eq!(start_upload(&reg, "flows", answer["access_token"].as_str().unwrap()), 202);
+        assert_eq!(
+            start_upload(&reg, "flows", answer["access_token"].as_str().unwrap()),
+            202
+        );
     }
-    let (status, _) = post_token(&ts, &format!("grant_type=refresh_token&refresh_token=rt-nope&{scope}"));
+    let (status, _) = post_token(
+        &ts,
+        &format!("grant_type=refresh_token&refresh_token=rt-nope&{scope}"),
+    );
     assert_eq!(status, 401);
 
     // POST password, offline: a refresh token too.
     let (status, answer) = post_token(
         &ts,
-        &format!("grant_type=password&username=alice&password=alice-pw&access_type=offline&client_id=strata&{scope}"),
+        &format!(
+            "grant_type=password&username=alice&password=alice-pw&access_type=offline&client_id=strata&{scope}"
+        ),
     );
     assert_eq!(status, 200, "{answer}");
     assert!(answer["refresh_token"].is_string());
@@ -417,7 +467,10 @@ fn token_server_speaks_both_grant_flows() {
     // Anonymous: pull only, so the registry refuses the upload.
     let (status, answer) = get_token(&ts, None, scope);
     assert_eq!(status, 200);
-    assert_eq!(start_upload(&reg, "flows", answer["token"].as_str().unwrap()), 401);
+    assert_eq!(
+        start_upload(&reg, "flows", answer["token"].as_str().unwrap()),
+        401
+    );
 
     let log = ts.requests();
     let creds: Vec<&TokenCredential> = log.iter().map(|r| &r.credential).collect();
@@ -438,7 +491,10 @@ fn token_server_speaks_both_grant_flows() {
 
     // Without POST support the realm answers 404, as some registries do.
     ts.config().accept_post = false;
-    let (status, _) = post_token(&ts, &format!("grant_type=password&username=alice&password=alice-pw&{scope}"));
+    let (status, _) = post_token(
+        &ts,
+        &format!("grant_type=password&username=alice&password=alice-pw&{scope}"),
+    );
     assert_eq!(status, 404);
 }
 
@@ -488,15 +544,16 @@ fn push_blob(reg: &Registry, repo: &str) -> (String, Vec<u8>) {
 #[test]
 fn transparent_proxy_changes_nothing_and_counts_bytes() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let reg = Registry::anonymous();
     let proxy = FaultProxy::transparent(&reg);
     let dest = format!("docker://{}", proxy.image("selftest/sample:v1"));
     skopeo_ok(
         &env,
-        &["copy", "--dest-tls-verify=false", &source(), &dest],
+        &["copy", "--dest-tls-verify=false", &layout.source(), &dest],
     );
     let out = skopeo_ok(&env, &["inspect", "--tls-verify=false", &dest]);
-    assert_eq!(inspect_digest(&out), manifest_digest());
+    assert_eq!(inspect_digest(&out), layout.manifest_digest());
 
     let counts = proxy.counts();
     assert_eq!(counts.injected(), 0, "{counts:?}");
@@ -510,8 +567,9 @@ fn transparent_proxy_changes_nothing_and_counts_bytes() {
         .filter(|r| r.target.contains("/blobs/uploads/"))
         .map(|r| r.request_bytes)
         .sum();
-    let manifest = manifest_digest();
-    let blobs: u64 = layout_blobs()
+    let manifest = layout.manifest_digest();
+    let blobs: u64 = layout
+        .blobs()
         .iter()
         .filter(|(d, _)| *d != manifest)
         .map(|(_, s)| s)
@@ -525,15 +583,27 @@ fn scripted_faults_happen_in_order() {
     let (digest, bytes) = push_blob(&reg, "faults");
     let proxy = FaultProxy::new(
         &reg,
-        Faults::script(&[
-            Fault::Status(503),
-            Fault::Status(429),
-            Fault::Reset,
-            Fault::Truncate,
-            Fault::Status(500),
-        ]),
+        Faults {
+            cut_after: Some(10),
+            ..Faults::script(&[
+                Fault::Status(503),
+                Fault::Status(429),
+                Fault::Reset,
+                Fault::Truncate,
+                Fault::Status(500),
+            ])
+        },
     );
-    let get = || http(proxy.addr(), None, "GET", &format!("/v2/faults/blobs/{digest}"), &[], b"");
+    let get = || {
+        http(
+            proxy.addr(),
+            None,
+            "GET",
+            &format!("/v2/faults/blobs/{digest}"),
+            &[],
+            b"",
+        )
+    };
 
     let r = get().expect("503 answer");
     assert_eq!((r.status, r.header("retry-after")), (503, Some("0")));
@@ -542,6 +612,7 @@ fn scripted_faults_happen_in_order() {
     assert!(get().is_err(), "reset went unnoticed");
     let e = get().expect_err("truncation went unnoticed");
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(e.to_string(), "body truncated: 10 of 1000 bytes");
     assert_eq!(get().expect("500 answer").status, 500);
     let r = get().expect("script over: pass");
     assert_eq!((r.status, &r.body), (200, &bytes));
@@ -595,8 +666,18 @@ fn corruption_hits_blob_bodies_only() {
     let differing = r.body.iter().zip(&bytes).filter(|(a, b)| a != b).count();
     assert_eq!(differing, 1);
     // HEAD and non-blob requests pass untouched.
-    assert_eq!(http(proxy.addr(), None, "HEAD", &path, &[], b"").unwrap().status, 200);
-    assert_eq!(http(proxy.addr(), None, "GET", "/v2/", &[], b"").unwrap().body, b"{}");
+    assert_eq!(
+        http(proxy.addr(), None, "HEAD", &path, &[], b"")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        http(proxy.addr(), None, "GET", "/v2/", &[], b"")
+            .unwrap()
+            .body,
+        b"{}"
+    );
     let counts = proxy.counts();
     assert_eq!((counts.corruptions, counts.passed), (1, 2), "{counts:?}");
 }
@@ -625,7 +706,14 @@ fn the_same_seed_gives_the_same_faults() {
         let proxy = FaultProxy::new(&reg, faults);
         let seen: Vec<String> = (0..20)
             .map(|_| {
-                outcome(http(proxy.addr(), None, "GET", &format!("/v2/seeded/blobs/{digest}"), &[], b""))
+                outcome(http(
+                    proxy.addr(),
+                    None,
+                    "GET",
+                    &format!("/v2/seeded/blobs/{digest}"),
+                    &[],
+                    b"",
+                ))
             })
             .collect();
         (seen, proxy.counts())
@@ -637,18 +725,23 @@ fn the_same_seed_gives_the_same_faults() {
     assert_ne!(first, other, "seed makes no difference");
     assert!(counts.injected() > 0 && counts.passed > 0, "{counts:?}");
     assert_eq!(counts.requests, 20);
-    assert_eq!(counts.requests, counts.passed + counts.injected(), "{counts:?}");
+    assert_eq!(
+        counts.requests,
+        counts.passed + counts.injected(),
+        "{counts:?}"
+    );
 }
 
 #[test]
 fn skopeo_through_a_faulty_proxy_succeeds_or_fails_cleanly() {
     let env = Env::new();
+    let layout = Layout::new(&env);
     let reg = Registry::anonymous();
     let proxy = FaultProxy::transparent(&reg);
     let dest = format!("docker://{}", proxy.image("selftest/sample:v1"));
     skopeo_ok(
         &env,
-        &["copy", "--dest-tls-verify=false", &source(), &dest],
+        &["copy", "--dest-tls-verify=false", &layout.source(), &dest],
     );
     proxy.set_faults(Faults {
         seed: 1,
@@ -665,7 +758,7 @@ fn skopeo_through_a_faulty_proxy_succeeds_or_fails_cleanly() {
         let out = skopeo(&env, &["inspect", "--tls-verify=false", &dest]);
         if out.status.success() {
             let stdout = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(inspect_digest(&stdout), manifest_digest());
+            assert_eq!(inspect_digest(&stdout), layout.manifest_digest());
             ok += 1;
         } else {
             assert!(!out.stderr.is_empty(), "skopeo failed without a word");
@@ -674,7 +767,37 @@ fn skopeo_through_a_faulty_proxy_succeeds_or_fails_cleanly() {
     }
     let counts = proxy.counts();
     assert!(counts.injected() > before.injected(), "{counts:?}");
-    assert_eq!(counts.requests, counts.passed + counts.injected(), "{counts:?}");
+    assert_eq!(
+        counts.requests,
+        counts.passed + counts.injected(),
+        "{counts:?}"
+    );
     eprintln!("skopeo through faults: {ok} ok, {failed} failed, {counts:?}");
     assert_eq!(ok + failed, 8);
+}
+
+#[test]
+fn a_fault_proxy_can_front_the_token_server() {
+    let ts = TokenServer::new().user("alice", "alice-pw");
+    let proxy = FaultProxy::to(ts.addr(), Faults::script(&[Fault::Status(503)]));
+    let reg = Registry::start(ts.auth_with_realm(format!("{}/token", proxy.url())), None);
+    let challenge = reg.http("GET", "/v2/", &[], b"").expect("GET /v2/");
+    assert_eq!(challenge.status, 401);
+    let www = challenge.header("www-authenticate").expect("challenge");
+    assert!(www.contains(&proxy.url()), "{www}");
+    let token = |expect: u16| {
+        let r = http(
+            proxy.addr(),
+            None,
+            "GET",
+            "/token?service=strata-test-registry",
+            &[],
+            b"",
+        )
+        .expect("GET token through the proxy");
+        assert_eq!(r.status, expect);
+    };
+    token(503);
+    token(200);
+    assert_eq!(ts.requests().len(), 1);
 }

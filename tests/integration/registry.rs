@@ -94,9 +94,10 @@ impl TestCa {
         let n = self.issued.fetch_add(1, Ordering::SeqCst);
         let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(sans).expect("server cert params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names.first().copied().unwrap_or("server"));
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let key = rcgen::KeyPair::generate().expect("server key");
@@ -120,7 +121,10 @@ impl TestCa {
 pub enum Auth {
     Anonymous,
     /// htpasswd with one bcrypt user.
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
     /// Docker token auth (<https://distribution.github.io/distribution/spec/auth/token/>).
     Token {
         realm: String,
@@ -213,8 +217,11 @@ impl Registry {
         for _ in 0..3 {
             let addr = free_port();
             let config = dir.path().join("config.yml");
-            fs::write(&config, registry_config(dir.path(), addr, &auth, certs.as_ref()))
-                .expect("write registry config");
+            fs::write(
+                &config,
+                registry_config(dir.path(), addr, &auth, certs.as_ref()),
+            )
+            .expect("write registry config");
             let mut command = Command::new(tool("docker-registry", "docker-registry"));
             command
                 .arg("serve")
@@ -251,7 +258,10 @@ impl Registry {
                 }
             }
         }
-        panic!("docker-registry did not start:\n{}", failures.join("\n---\n"));
+        panic!(
+            "docker-registry did not start:\n{}",
+            failures.join("\n---\n")
+        );
     }
 
     /// Poll `GET /v2/` until the registry answers (401 counts as up); panics with its log if it
@@ -266,13 +276,19 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for docker-registry") {
-                return Err(format!("docker-registry exited ({status}):\n{}", self.log()));
+                return Err(format!(
+                    "docker-registry exited ({status}):\n{}",
+                    self.log()
+                ));
             }
             if self.http("GET", "/v2/", &[], b"").is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("docker-registry not up after 20 s:\n{}", self.log()));
+                return Err(format!(
+                    "docker-registry not up after 20 s:\n{}",
+                    self.log()
+                ));
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -356,7 +372,11 @@ impl Registry {
         for e in walkdir::WalkDir::new(&root).min_depth(3).max_depth(3) {
             let e = e.expect("walk registry blobs");
             if e.file_name() == "data" {
-                let hex = e.path().parent().and_then(Path::file_name).expect("blob dir");
+                let hex = e
+                    .path()
+                    .parent()
+                    .and_then(Path::file_name)
+                    .expect("blob dir");
                 out.push(format!("sha256:{}", hex.to_string_lossy()));
             }
         }
@@ -538,6 +558,12 @@ pub struct TokenRequest {
 /// An in-process Docker token server (<https://distribution.github.io/distribution/spec/auth/token/>
 /// and the OAuth2 flavour, `…/spec/auth/oauth/`) issuing ES256 JWTs signed by a key made here,
 /// with `x5c` = its self-signed certificate, which is the registry's `rootcertbundle`.
+///
+/// Grants: `GET realm` (anonymous or Basic; `offline_token=true` adds a `refresh_token` for a
+/// user), `POST realm` with `grant_type=password` (`access_type=offline` adds a
+/// `refresh_token`) or `grant_type=refresh_token` (answers with the same refresh token). Each
+/// requested scope is granted the actions the user may have; the rest are silently dropped,
+/// as Docker Hub does, so the registry is the one that refuses.
 pub struct TokenServer {
     server: Server,
     shared: Arc<TokenShared>,
@@ -659,8 +685,14 @@ impl TokenServer {
 
     /// The registry configuration that trusts this server.
     pub fn auth(&self) -> Auth {
+        self.auth_with_realm(self.realm())
+    }
+
+    /// The same, advertising another realm: e.g. `format!("{}/token", proxy.url())` for a
+    /// [`FaultProxy`] in front of this server.
+    pub fn auth_with_realm(&self, realm: String) -> Auth {
         Auth::Token {
-            realm: self.realm(),
+            realm,
             service: TOKEN_SERVICE.to_string(),
             issuer: TOKEN_ISSUER.to_string(),
             root_bundle: self.cert_path(),
@@ -763,9 +795,8 @@ impl TokenShared {
                     entry
                         .granted
                         .push(format!("{kind}:{name}:{}", granted.join(",")));
-                    access.push(
-                        serde_json::json!({"type": kind, "name": name, "actions": granted}),
-                    );
+                    access
+                        .push(serde_json::json!({"type": kind, "name": name, "actions": granted}));
                 }
                 let subject = user.clone().unwrap_or_default();
                 let token = self.sign(&subject, access, config.lifetime, config.strict_expiry);
@@ -926,7 +957,11 @@ impl TokenShared {
 fn parse_scope(scope: &str) -> Option<(&str, &str, Vec<&str>)> {
     let (kind, rest) = scope.split_once(':')?;
     let (name, actions) = rest.rsplit_once(':')?;
-    Some((kind, name, actions.split(',').filter(|a| !a.is_empty()).collect()))
+    Some((
+        kind,
+        name,
+        actions.split(',').filter(|a| !a.is_empty()).collect(),
+    ))
 }
 
 /// Scopes may come as repeated parameters or space-separated in one (the OAuth2 form).
@@ -1009,6 +1044,9 @@ pub struct Faults {
     /// Rate of corruption among blob GETs.
     pub corrupt_blobs: f64,
     pub script: Vec<Fault>,
+    /// Body bytes delivered before a Reset or Truncate; None: a random point in the body. (A
+    /// bodiless response is cut inside its head.)
+    pub cut_after: Option<u64>,
     /// Only requests for which this returns true (method, path with query) get faults.
     pub only: Option<fn(&str, &str) -> bool>,
 }
@@ -1024,6 +1062,7 @@ impl Faults {
             truncate: 0.0,
             corrupt_blobs: 0.0,
             script: Vec::new(),
+            cut_after: None,
             only: None,
         }
     }
@@ -1389,10 +1428,13 @@ impl ProxyShared {
         // Absolute offsets into the response stream.
         let (cut, flip, applied) = match fault {
             Fault::Reset | Fault::Truncate => {
+                let fixed = st.faults.cut_after;
                 let cut = match body_len {
-                    Some(n) if n > 0 => end as u64 + st.rng.below(n as u64),
+                    Some(n) if n > 0 => {
+                        end as u64 + fixed.unwrap_or_else(|| st.rng.below(n as u64))
+                    }
                     Some(_) => 1 + st.rng.below(end as u64 - 1),
-                    None => end as u64 + st.rng.below(16),
+                    None => end as u64 + fixed.unwrap_or_else(|| st.rng.below(16)),
                 };
                 (Some(cut), None, fault)
             }
@@ -1452,7 +1494,9 @@ fn lingering_close(mut s: TcpStream) {
         match s.read(&mut sink) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
             Err(_) => break,
         }
     }
@@ -1627,7 +1671,10 @@ fn read_head(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<usi
             return Ok(Some(i + 4));
         }
         if buf.len() > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "head over 64 KiB"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "head over 64 KiB",
+            ));
         }
         match stream.read(&mut chunk)? {
             0 if buf.is_empty() => return Ok(None),
@@ -1735,8 +1782,8 @@ pub fn http(
             .with_no_client_auth();
             let name = rustls::pki_types::ServerName::try_from(addr.ip().to_string())
                 .map_err(io::Error::other)?;
-            let conn = rustls::ClientConnection::new(Arc::new(config), name)
-                .map_err(io::Error::other)?;
+            let conn =
+                rustls::ClientConnection::new(Arc::new(config), name).map_err(io::Error::other)?;
             let mut tls = rustls::StreamOwned::new(conn, stream);
             tls.write_all(&request)?;
             match tls.read_to_end(&mut raw) {
