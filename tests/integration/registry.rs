@@ -281,7 +281,10 @@ impl Registry {
                     self.log()
                 ));
             }
-            if self.http("GET", "/v2/", &[], b"").is_ok() {
+            // Only our child writes this log: a probe answered by whoever else might hold the
+            // port (our child then exits with "address already in use") doesn't count.
+            let bound = self.log().contains(&format!("listening on {}", self.addr));
+            if bound && self.http("GET", "/v2/", &[], b"").is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -1428,15 +1431,15 @@ impl ProxyShared {
         // Absolute offsets into the response stream.
         let (cut, flip, applied) = match fault {
             Fault::Reset | Fault::Truncate => {
-                let fixed = st.faults.cut_after;
-                let cut = match body_len {
-                    Some(n) if n > 0 => {
-                        end as u64 + fixed.unwrap_or_else(|| st.rng.below(n as u64))
-                    }
-                    Some(_) => 1 + st.rng.below(end as u64 - 1),
-                    None => end as u64 + fixed.unwrap_or_else(|| st.rng.below(16)),
+                let end = end as u64;
+                let cut = match (body_len.map(|n| n as u64), st.faults.cut_after) {
+                    // A fixed cut past the end leaves nothing to cut.
+                    (Some(n), Some(c)) if n > 0 => (c < n).then_some(end + c),
+                    (Some(n), None) if n > 0 => Some(end + st.rng.below(n)),
+                    (Some(_), _) => Some(1 + st.rng.below(end - 1)),
+                    (None, c) => Some(end + c.unwrap_or_else(|| st.rng.below(16))),
                 };
-                (Some(cut), None, fault)
+                (cut, None, if cut.is_some() { fault } else { Fault::Pass })
             }
             Fault::Corrupt => match body_len {
                 Some(n) if n > 0 && status == 200 => {
@@ -1453,7 +1456,7 @@ impl ProxyShared {
         loop {
             if let Some(at) = flip {
                 let (lo, hi) = (offset - base, offset - base + chunk.len() as u64);
-                if (lo..hi).contains(&(at)) {
+                if (lo..hi).contains(&at) {
                     chunk[(at - lo) as usize] ^= 0xff;
                 }
             }
