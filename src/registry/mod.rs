@@ -3,9 +3,13 @@
 //! credentials, the token dance (incl. ACR's exchange), a retrying HTTP client with a
 //! resumable upload engine, and pull/push/copy built on it.
 
+mod acr;
+mod config;
 mod credential;
 mod reference;
 
+pub use acr::{AadSource, AcrProvider, WorkloadIdentity};
+pub use config::{CredentialError, CredentialStore, DOCKER_HUB_CONFIG_KEY, Stored};
 pub use credential::{
     Anonymous, Credential, CredentialFuture, CredentialLookupError, CredentialProvider, Fixed,
     Secret,

@@ -6,5 +6,7 @@ mod common;
 
 mod build;
 mod errors;
+mod harness_selftest;
+mod registry;
 mod reproducible;
 mod store;
