@@ -15,3 +15,19 @@ pub use credential::{
     Secret,
 };
 pub use reference::{DOCKER_HUB, DOCKER_HUB_API, Reference, is_loopback_host};
+
+mod auth;
+mod client;
+mod error;
+mod fetch;
+mod retry;
+#[cfg(test)]
+mod tests;
+mod transport;
+mod upload;
+
+pub use client::{Client, MAX_MANIFEST_SIZE, ManifestResponse};
+pub use error::RegistryError;
+pub use fetch::BlobSink;
+pub use transport::{ClientOptions, ProgressFn, TransferEvent};
+pub use upload::{BlobSource, FileSource};

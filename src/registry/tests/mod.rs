@@ -1,0 +1,1 @@
+//! Tests against hostile in-process servers and the real distribution registry.
