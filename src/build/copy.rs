@@ -39,6 +39,11 @@ pub(super) struct CopySpec {
     pub extract_archives: bool,
     /// Whether sources keep their owner (`--from` a stage or image) or become 0:0 (context).
     pub keep_owner: bool,
+    /// Whether the destination view lacks the base layers (a lazy registry base): then a
+    /// directory missing from the view may exist in the image, so parents are not written
+    /// (the unpacker creates any that are really missing, 0755 root) and existing metadata is
+    /// never overridden.
+    pub dest_partial: bool,
 }
 
 /// A failed COPY/ADD: a user-facing message.
@@ -169,7 +174,11 @@ pub(super) fn plan(
                 // A directory source copies its contents into the destination (for
                 // `COPY a* /dest/` too: each matched directory's contents land in /dest).
                 let dir_target = dest_real.clone();
-                if !dir_target.as_os_str().is_empty() && dest_tree.get(&dir_target).is_none() {
+                let explicit = spec.chown.is_some() || spec.chmod.is_some();
+                if !dir_target.as_os_str().is_empty()
+                    && dest_tree.get(&dir_target).is_none()
+                    && (!spec.dest_partial || explicit)
+                {
                     let mut e = Entry::dir(dir_target.clone(), spec.chmod.unwrap_or(0o755), 0, 0);
                     (e.uid, e.gid) = spec.chown.unwrap_or((0, 0));
                     out.insert(dir_target.clone(), e);
@@ -209,8 +218,11 @@ pub(super) fn plan(
         }
     }
 
-    // Missing parents of everything written.
+    // Missing parents of everything written (unless the view is partial: see `dest_partial`).
     let (uid, gid) = spec.chown.unwrap_or((0, 0));
+    if spec.dest_partial {
+        return Ok(out.into_values().collect());
+    }
     let mut parents = Vec::new();
     for p in out.keys() {
         let mut a = p.parent();

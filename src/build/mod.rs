@@ -122,14 +122,37 @@ pub enum BuildError {
     /// Writing or reading a layer failed.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// Pulling a base image failed.
+    #[error(transparent)]
+    Transfer(#[from] crate::registry::TransferError),
     /// A problem with the build as a whole (target, build args).
     #[error("{0}")]
     Invalid(String),
 }
 
+/// Access to registries during a build: FROM a registry image, fetching base layers when a
+/// step needs their files. The build itself is synchronous; it blocks on `handle`.
+pub struct Remote {
+    /// The registry client.
+    pub client: crate::registry::Client,
+    /// The runtime the client runs on (the build must not run on one of its threads).
+    pub handle: tokio::runtime::Handle,
+    /// Resolve registry references remotely even when the local store has the name
+    /// (`--pull`).
+    pub always_pull: bool,
+}
+
+/// What building a file-system view needs.
+pub(crate) struct Fetch<'a> {
+    pub store: &'a Store,
+    pub work: &'a std::path::Path,
+    pub remote: Option<&'a Remote>,
+}
+
 /// Shared state of one build.
 pub(crate) struct Ctx<'a> {
     pub store: &'a Store,
+    pub remote: Option<&'a Remote>,
     pub opts: &'a BuildOptions,
     pub df: &'a Dockerfile,
     pub events: &'a mut dyn FnMut(Event),
@@ -143,6 +166,15 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// What views need to fetch layers.
+    pub fn fetch(&self) -> Fetch<'_> {
+        Fetch {
+            store: self.store,
+            work: self.work.path(),
+            remote: self.remote,
+        }
+    }
+
     /// The build context as a tree (walked once, honouring .dockerignore).
     pub fn context_tree(&mut self) -> Result<&FsTree, BuildError> {
         if self.context_tree.is_none() {
@@ -201,6 +233,7 @@ fn platform_args(target: &Platform) -> BTreeMap<String, String> {
 /// it ([`Store::commit_image`]) is the caller's last step, after any export has succeeded.
 pub fn build(
     store: &Store,
+    remote: Option<&Remote>,
     opts: &BuildOptions,
     events: &mut dyn FnMut(Event),
 ) -> Result<BuildOutput, BuildError> {
@@ -237,6 +270,7 @@ pub fn build(
 
     let mut ctx = Ctx {
         store,
+        remote,
         opts,
         df: &df,
         events,

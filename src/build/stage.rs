@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -18,6 +18,8 @@ use crate::layer::{Entry, FsTree, LayerWriter, open_decompressed};
 use crate::media::{Descriptor, Platform};
 use crate::source::{Dockerignore, normalize_context_path};
 use crate::store::{OciIndex, REF_NAME, Store, StoreError};
+
+use super::Fetch;
 
 /// Where a layer's entries can be recovered from, to rebuild a file-system view.
 #[derive(Clone, Debug)]
@@ -40,6 +42,9 @@ pub(crate) struct StageState {
     sources: Vec<LayerSource>,
     /// The file-system view, and whether file content (not just metadata) is available.
     tree: Option<(FsTree, bool)>,
+    /// Whether the view leaves out base layers still in a registry (a lazy base): paths not
+    /// in the view may then exist in the image.
+    partial: bool,
     /// Declared ARGs and their values.
     args: BTreeMap<String, Option<String>>,
     /// Whether CMD came from the base image (ENTRYPOINT then resets it, as Docker does).
@@ -56,6 +61,7 @@ impl StageState {
             layers: Vec::new(),
             sources: Vec::new(),
             tree: Some((FsTree::new(), true)),
+            partial: false,
             args: BTreeMap::new(),
             cmd_inherited: false,
             shell: default_shell(),
@@ -77,16 +83,41 @@ impl StageState {
             sources: vec![LayerSource::Store; layers.len()],
             layers,
             tree: None,
+            partial: false,
             args: BTreeMap::new(),
             cmd_inherited: image.config.config().cmd().is_some(),
             shell,
         })
     }
 
-    /// Make sure the file-system view exists (with content when `content`).
-    fn ensure_tree(&mut self, store: &Store, work: &Path, content: bool) -> Result<(), BuildError> {
+    /// Make sure the file-system view exists (with content when `content`). Without content,
+    /// base layers still in a registry are left out (the view is then partial) rather than
+    /// downloaded; with content they are fetched first.
+    fn ensure_tree(&mut self, f: &Fetch, content: bool) -> Result<(), BuildError> {
         if matches!(self.tree, Some((_, c)) if c || !content) {
             return Ok(());
+        }
+        let (store, work) = (f.store, f.work);
+        let missing: Vec<Descriptor> = self
+            .layers
+            .iter()
+            .zip(&self.sources)
+            .filter(|(l, s)| {
+                matches!(s, LayerSource::Store) && !store.has_blob(&l.descriptor.digest)
+            })
+            .map(|(l, _)| l.descriptor.clone())
+            .collect();
+        if content && !missing.is_empty() {
+            let remote = f.remote.ok_or_else(|| {
+                BuildError::Invalid(
+                    "base layers live in a registry, but no registry client is configured".into(),
+                )
+            })?;
+            remote.handle.block_on(crate::registry::ensure_blobs(
+                &remote.client,
+                store,
+                &missing,
+            ))?;
         }
         let spool = if content {
             let dir = tempfile::Builder::new()
@@ -98,8 +129,12 @@ impl StageState {
             None
         };
         let mut tree = FsTree::new();
+        self.partial = false;
         for (layer, source) in self.layers.iter().zip(&self.sources) {
             match source {
+                LayerSource::Store if !store.has_blob(&layer.descriptor.digest) => {
+                    self.partial = true;
+                }
                 LayerSource::Store => {
                     let blob = store.open_blob(&layer.descriptor.digest)?;
                     let r = open_decompressed(BufReader::with_capacity(1 << 20, blob))?;
@@ -186,20 +221,42 @@ fn located(ctx: &Ctx, node: &Node, msg: impl std::fmt::Display) -> BuildError {
     BuildError::Dockerfile(ctx.df.error_at(node, msg))
 }
 
-/// Load an image named in FROM or `COPY --from`: `oci:DIR[:TAG]`, or a local store name.
-fn load_image(ctx: &Ctx, name: &str) -> Result<Image, String> {
+/// Load an image named in FROM or `COPY --from`: `oci:DIR[:TAG]`, a local store name, or a
+/// registry reference. A registry image costs its manifest and config only: layers stay in
+/// the registry until a step needs their files, or a push to another registry needs them.
+/// Names in the local store win unless `--pull` was given.
+fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, String> {
     let store = ctx.store;
     if let Some(rest) = name.strip_prefix("oci:") {
-        return import_oci_layout(store, rest, &ctx.opts.platform).map_err(|e| e.to_string());
+        return import_oci_layout(store, rest, platform).map_err(|e| e.to_string());
     }
-    match store.resolve(name) {
-        Ok(desc) => store.image(&desc.digest).map_err(|e| e.to_string()),
-        Err(StoreError::NotFound(_)) => Err(format!(
-            "image {name:?} is not in the local store (pulling from a registry is not supported \
-             yet; build it first, or use FROM oci:DIR[:TAG])"
-        )),
-        Err(e) => Err(e.to_string()),
+    let reference = name.parse::<crate::registry::Reference>();
+    if !ctx.remote.is_some_and(|r| r.always_pull) {
+        let normalized = reference.as_ref().ok().map(ToString::to_string);
+        for candidate in std::iter::once(name.to_string()).chain(normalized) {
+            match store.resolve(&candidate) {
+                Ok(desc) => return store.image(&desc.digest).map_err(|e| e.to_string()),
+                Err(StoreError::NotFound(_) | StoreError::Name(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
+    let r = reference.map_err(|e| e.to_string())?;
+    let Some(remote) = ctx.remote else {
+        return Err(format!(
+            "image {name:?} is not in the local store (and no registry access is configured)"
+        ));
+    };
+    remote
+        .handle
+        .block_on(crate::registry::pull_metadata(
+            &remote.client,
+            store,
+            &r,
+            platform,
+        ))
+        .map(|(image, _)| image)
+        .map_err(|e| format!("image {name:?} is not in the local store and pulling it failed: {e}"))
 }
 
 /// Import an image from an OCI layout directory into the store, verifying every blob.
@@ -278,7 +335,14 @@ pub(crate) fn execute_stage(
         } else if let Some(j) = stage_ref(stages, i, &base) {
             done[j].clone().expect("dependencies are built first")
         } else {
-            let image = load_image(ctx, &base).map_err(|m| located(ctx, &stage.from.node, m))?;
+            let platform = match &stage.platform {
+                Some(p) => expand_from(ctx, &stage.from, p)?
+                    .parse::<Platform>()
+                    .map_err(|m| located(ctx, &stage.from.node, m))?,
+                None => ctx.opts.platform.clone(),
+            };
+            let image =
+                load_image(ctx, &base, &platform).map_err(|m| located(ctx, &stage.from.node, m))?;
             let s = StageState::from_image(&image)?;
             let arch = &image.config.oci.architecture().to_string();
             if *arch != ctx.opts.platform.architecture {
@@ -546,15 +610,25 @@ fn dispatch(
             st.config.update_config(|c| {
                 c.set_working_dir(Some(abs.clone()));
             });
-            let owner = current_user_ids(ctx, st).map_err(err)?;
-            st.ensure_tree(ctx.store, ctx.work.path(), false)?;
+            st.ensure_tree(&ctx.fetch(), false)?;
             let real = st.tree().resolve_lenient(&path, true)?;
             let mut missing = Vec::new();
             let mut cur = PathBuf::new();
-            for c in real.components() {
-                cur.push(c);
-                if st.tree().get(&cur).is_none() {
-                    missing.push(Entry::dir(cur.clone(), 0o755, owner.0, owner.1));
+            // On a lazy base, a directory not in the view may exist in the base: leave it to
+            // the runtime (runc creates a missing working directory) rather than download
+            // the base or override its metadata.
+            if !st.partial {
+                for c in real.components() {
+                    cur.push(c);
+                    if st.tree().get(&cur).is_none() {
+                        missing.push(Entry::dir(cur.clone(), 0o755, 0, 0));
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                let (uid, gid) = current_user_ids(ctx, st).map_err(err)?;
+                for e in &mut missing {
+                    (e.uid, e.gid) = (uid, gid);
                 }
             }
             if missing.is_empty() {
@@ -602,7 +676,7 @@ fn resolve_owner(
         || g.is_some_and(|g| numeric(g).is_none())
         || (primary_gid && g.is_none());
     if needs_lookup {
-        st.ensure_tree(ctx.store, ctx.work.path(), true)
+        st.ensure_tree(&ctx.fetch(), true)
             .map_err(|e| e.to_string())?;
     }
     let (uid, user_gid) = match numeric(u) {
@@ -746,8 +820,10 @@ fn copy_step(
         exclude,
         extract_archives: is_add && c.unpack != Some(false),
         keep_owner: from.is_some(),
+        dest_partial: false,
     };
-    st.ensure_tree(ctx.store, ctx.work.path(), false)?;
+    st.ensure_tree(&ctx.fetch(), false)?;
+    spec.dest_partial = st.partial;
     let spool = ctx.spool_dir()?;
     let entries = match &from {
         None => {
@@ -758,17 +834,22 @@ fn copy_step(
             spec.extract_archives = false;
             if let Some(j) = stage_ref(stages, i, f) {
                 let other = done[j].as_mut().expect("dependencies are built first");
-                other.ensure_tree(ctx.store, ctx.work.path(), true)?;
+                other.ensure_tree(&ctx.fetch(), true)?;
                 copy::plan(&spec, other.tree(), st.tree(), &spool)
             } else {
                 if !ctx.images.contains_key(f) {
-                    let image = load_image(ctx, f).map_err(&err)?;
+                    let image = load_image(ctx, f, &ctx.opts.platform).map_err(&err)?;
                     let s = StageState::from_image(&image)?;
                     ctx.images.insert(f.clone(), s);
                 }
-                let (store, work) = (ctx.store, ctx.work.path().to_path_buf());
+                let (store, work, remote) = (ctx.store, ctx.work.path().to_path_buf(), ctx.remote);
+                let fetch = Fetch {
+                    store,
+                    work: &work,
+                    remote,
+                };
                 let other = ctx.images.get_mut(f).expect("inserted above");
-                other.ensure_tree(store, &work, true)?;
+                other.ensure_tree(&fetch, true)?;
                 copy::plan(&spec, other.tree(), st.tree(), &spool)
             }
         }

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use super::progress::{Mode, Renderer};
+use std::sync::Arc;
+
+use super::progress::{Mode, Renderer, TransferRenderer};
 use super::{UsageError, open_store};
 use crate::build::{self, BuildOptions};
 use crate::media::{Compression, Platform};
@@ -68,6 +70,14 @@ pub struct BuildArgs {
     /// Compression worker threads (default: the number of CPUs). Output bytes do not depend on it.
     #[arg(long, env = "STRATA_THREADS")]
     threads: Option<u32>,
+    /// Push the image to every `-t` registry reference (same as `--output type=registry`).
+    #[arg(long)]
+    push: bool,
+    /// Resolve registry base images again even when the local store has the name.
+    #[arg(long)]
+    pull: bool,
+    #[command(flatten)]
+    registry: super::registry::RegistryArgs,
 }
 
 fn key_values(
@@ -115,7 +125,7 @@ fn parse_output(s: &str) -> Result<ExportTarget, UsageError> {
                 Err(UsageError(format!("--output {s:?} needs dest=FILE")))
             }
             (Some(t), _) => Err(UsageError(format!(
-                "--output type={t} is not supported (use type=oci or type=docker; registry pushes come later)"
+                "--output type={t} is not supported (use type=oci, type=docker or type=registry)"
             ))),
             (None, _) => Err(UsageError(format!("--output {s:?} needs type="))),
         };
@@ -134,11 +144,18 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| UsageError(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = a
-        .outputs
-        .iter()
-        .map(|o| parse_output(o))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut push = a.push;
+    let mut outputs = Vec::new();
+    for o in &a.outputs {
+        if o == "type=registry" || o.starts_with("type=registry,") {
+            push = true;
+        } else {
+            outputs.push(parse_output(o)?);
+        }
+    }
+    if push && tags.is_empty() {
+        return Err(UsageError("--push needs at least one -t registry/repo:tag".into()).into());
+    }
     let compression: Compression = a.compression.parse().map_err(UsageError)?;
     let source_date_epoch = match a.source_date_epoch {
         Some(v) => v,
@@ -187,14 +204,46 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     };
     let store = open_store()?;
     let mut renderer = Renderer::new(mode);
-    let result = build::build(&store, &opts, &mut |e| renderer.event(&e));
+    let transfers = Arc::new(TransferRenderer::new(mode));
+    let rt = super::registry::runtime()?;
+    let remote = build::Remote {
+        client: a.registry.client(Some(&transfers))?,
+        handle: rt.handle().clone(),
+        always_pull: a.pull,
+    };
+    let result = build::build(&store, Some(&remote), &opts, &mut |e| renderer.event(&e));
     renderer.finish();
     let out = result?;
+    let needs_layers = !outputs.is_empty();
+    if needs_layers {
+        // Exports carry every layer: fetch base layers still in their registry.
+        rt.block_on(crate::registry::ensure_blobs(
+            &remote.client,
+            &store,
+            &out.image.manifest.layers,
+        ))?;
+    }
     for target in &outputs {
         store::export(&store, &out.image.descriptor(), target)?;
         renderer.note(&format!("exported to {target}"));
     }
-    // Tag last: a failed export leaves every name where it was.
+    if push {
+        for t in &tags {
+            let dest: crate::registry::Reference = t
+                .to_string()
+                .parse()
+                .map_err(|e: crate::store::NameError| UsageError(e.to_string()))?;
+            let report = rt.block_on(crate::registry::push(
+                &remote.client,
+                &store,
+                &out.image,
+                &dest,
+            ))?;
+            transfers.finish();
+            transfers.pushed(&dest, &report);
+        }
+    }
+    // Tag last: a failed export or push leaves every name where it was.
     store.commit_image(&out.image, &tags)?;
     if let Some(f) = &a.iidfile {
         fs_err::write(f, out.digest.to_string())?;

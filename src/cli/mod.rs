@@ -4,6 +4,7 @@
 mod build;
 mod images;
 mod progress;
+mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,18 @@ enum Command {
     Export(images::ExportArgs),
     /// Verify every blob and reference in the local store.
     Fsck(images::FsckArgs),
+    /// Pull an image from a registry into the local store.
+    Pull(registry::PullArgs),
+    /// Push an image from the local store to a registry.
+    Push(registry::PushArgs),
+    /// Save credentials for a registry (docker's config.json, or --authfile).
+    Login(registry::LoginArgs),
+    /// Remove saved credentials for a registry.
+    Logout(registry::LogoutArgs),
+    /// List the tags of a repository.
+    Tags(registry::TagsArgs),
+    /// Delete a manifest from a registry.
+    Delete(registry::DeleteArgs),
 }
 
 /// An error that is the user's fault in how strata was called (exit status 2).
@@ -65,6 +78,9 @@ fn open_store() -> anyhow::Result<Store> {
 
 /// Run the CLI and map the outcome to an exit status: 0 ok, 1 failure, 2 usage error.
 pub fn main() -> ExitCode {
+    // One TLS provider for the whole process, chosen explicitly (rustls would otherwise
+    // refuse to pick when more than one is compiled in).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -91,6 +107,12 @@ pub fn main() -> ExitCode {
         Command::Rmi(a) => images::rmi(a),
         Command::Export(a) => images::export(a),
         Command::Fsck(a) => images::fsck(a),
+        Command::Pull(a) => registry::pull(a),
+        Command::Push(a) => registry::push(a),
+        Command::Login(a) => registry::login(a),
+        Command::Logout(a) => registry::logout(a),
+        Command::Tags(a) => registry::tags(a),
+        Command::Delete(a) => registry::delete(a),
     };
     match result {
         Ok(code) => code,

@@ -176,3 +176,152 @@ impl Renderer {
         }
     }
 }
+
+/// Renders registry transfers: a bar per blob with bytes and rate on a terminal, one line per
+/// finished blob in logs, JSON objects with `--progress json`. Shared by the client's
+/// transfer tasks, hence the lock.
+pub struct TransferRenderer {
+    mode: Mode,
+    state: std::sync::Mutex<TransferState>,
+}
+
+#[derive(Default)]
+struct TransferState {
+    multi: Option<indicatif::MultiProgress>,
+    bars: HashMap<crate::digest::Digest, ProgressBar>,
+}
+
+impl TransferRenderer {
+    /// A renderer for `mode`.
+    pub fn new(mode: Mode) -> TransferRenderer {
+        TransferRenderer {
+            mode,
+            state: std::sync::Mutex::new(TransferState::default()),
+        }
+    }
+
+    fn line(&self, s: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{s}");
+    }
+
+    /// Show one transfer event.
+    pub fn event(&self, e: &crate::registry::TransferEvent) {
+        use crate::registry::TransferEvent as T;
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Json => {
+                let v = match e {
+                    T::Progress {
+                        digest,
+                        done,
+                        total,
+                    } => {
+                        json!({"type": "blob", "event": "progress", "digest": digest.to_string(), "done": done, "total": total})
+                    }
+                    T::Skipped { digest, size } => {
+                        json!({"type": "blob", "event": "exists", "digest": digest.to_string(), "size": size})
+                    }
+                    T::Mounted { digest, from } => {
+                        json!({"type": "blob", "event": "mounted", "digest": digest.to_string(), "from": from})
+                    }
+                    T::Finished { digest, size } => {
+                        json!({"type": "blob", "event": "done", "digest": digest.to_string(), "size": size})
+                    }
+                };
+                self.line(&v.to_string());
+            }
+            Mode::Plain => match e {
+                T::Progress { .. } => {}
+                T::Skipped { digest, size } => self.line(&format!(
+                    "blob {} exists ({})",
+                    digest.short(),
+                    human_size(*size)
+                )),
+                T::Mounted { digest, from } => {
+                    self.line(&format!("blob {} mounted from {from}", digest.short()))
+                }
+                T::Finished { digest, size } => self.line(&format!(
+                    "blob {} done ({})",
+                    digest.short(),
+                    human_size(*size)
+                )),
+            },
+            Mode::Tty => {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                let multi = st
+                    .multi
+                    .get_or_insert_with(|| {
+                        indicatif::MultiProgress::with_draw_target(
+                            indicatif::ProgressDrawTarget::stderr(),
+                        )
+                    })
+                    .clone();
+                match e {
+                    T::Progress {
+                        digest,
+                        done,
+                        total,
+                    } => {
+                        let bar = st.bars.entry(*digest).or_insert_with(|| {
+                            let b = multi.add(ProgressBar::new(*total));
+                            b.set_style(
+                                ProgressStyle::with_template(
+                                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                                )
+                                .expect("static template is valid")
+                                .progress_chars("=> "),
+                            );
+                            b.set_message(digest.short());
+                            b
+                        });
+                        bar.set_position(*done);
+                    }
+                    T::Skipped { digest, .. } => {
+                        let _ = multi.println(format!("✔ {} exists", digest.short()));
+                    }
+                    T::Mounted { digest, from } => {
+                        let _ = multi.println(format!("✔ {} mounted from {from}", digest.short()));
+                    }
+                    T::Finished { digest, size } => {
+                        if let Some(b) = st.bars.remove(digest) {
+                            b.finish_and_clear();
+                        }
+                        let _ =
+                            multi.println(format!("✔ {} {}", digest.short(), human_size(*size)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Clear any bars left.
+    pub fn finish(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, b) in st.bars.drain() {
+            b.finish_and_clear();
+        }
+    }
+
+    /// Summarise a push.
+    pub fn pushed(&self, dest: &crate::registry::Reference, report: &crate::registry::PushReport) {
+        use crate::registry::BlobRoute;
+        let count = |f: fn(&BlobRoute) -> bool| report.blobs.iter().filter(|(_, r)| f(r)).count();
+        let uploaded = count(|r| matches!(r, BlobRoute::Uploaded));
+        let mounted = count(|r| matches!(r, BlobRoute::Mounted(_)));
+        let present = count(|r| matches!(r, BlobRoute::Present));
+        let relayed = count(|r| matches!(r, BlobRoute::Relayed(_)));
+        match self.mode {
+            Mode::Json => self.line(
+                &json!({"type": "pushed", "reference": dest.to_string(), "digest": report.digest.to_string(),
+                        "uploaded": uploaded, "mounted": mounted, "present": present, "relayed": relayed})
+                .to_string(),
+            ),
+            Mode::Plain | Mode::Tty => self.line(&format!(
+                "pushed {dest} ({}): {uploaded} uploaded, {mounted} mounted, {present} already there, {relayed} relayed",
+                report.digest
+            )),
+            Mode::Quiet => {}
+        }
+    }
+}

@@ -283,15 +283,18 @@ impl Authenticator {
         let shown = redact(&realm);
         let (method, response) = match &credential {
             Some(Credential::IdentityToken(refresh)) => {
-                let mut form = url::form_urlencoded::Serializer::new(String::new());
-                form.append_pair("grant_type", "refresh_token");
-                if let Some(s) = &service {
-                    form.append_pair("service", s);
-                }
-                form.append_pair("scope", &wanted.key());
-                form.append_pair("refresh_token", refresh.expose());
-                form.append_pair("client_id", "strata");
-                let body = bytes::Bytes::from(form.finish());
+                // The serializer is not Send: finish it before the first await.
+                let body = {
+                    let mut form = url::form_urlencoded::Serializer::new(String::new());
+                    form.append_pair("grant_type", "refresh_token");
+                    if let Some(s) = &service {
+                        form.append_pair("service", s);
+                    }
+                    form.append_pair("scope", &wanted.key());
+                    form.append_pair("refresh_token", refresh.expose());
+                    form.append_pair("client_id", "strata");
+                    bytes::Bytes::from(form.finish())
+                };
                 let r = retry::send(&self.retry, &Method::POST, &realm, || {
                     self.http
                         .post(realm.clone())

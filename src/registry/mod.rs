@@ -20,6 +20,8 @@ mod auth;
 mod client;
 mod error;
 mod fetch;
+mod pull;
+mod push;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -29,5 +31,7 @@ mod upload;
 pub use client::{Client, MAX_MANIFEST_SIZE, ManifestResponse};
 pub use error::RegistryError;
 pub use fetch::BlobSink;
+pub use pull::{StoreSink, TransferError, ensure_blobs, local_name, pull, pull_metadata, resolve};
+pub use push::{BlobRoute, PushReport, push};
 pub use transport::{ClientOptions, ProgressFn, TransferEvent};
 pub use upload::{BlobSource, FileSource};

@@ -265,7 +265,7 @@ fn bad_output_is_a_usage_error() {
         ("docker:x", "unknown output transport \"docker\""),
         ("oci", "invalid output \"oci\""),
         ("oci:", "the path is empty"),
-        ("type=registry", "type=registry is not supported"),
+        ("type=tar,dest=x", "type=tar is not supported"),
         ("docker-archive:x.tar:BAD", "invalid image name \"BAD\""),
     ] {
         let err = b.fails(&["--output", output], b.ctx(), 2);

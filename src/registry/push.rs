@@ -1,0 +1,131 @@
+//! Pushing: every blob the destination lacks, in parallel, by the cheapest route — already
+//! there (HEAD), a cross-repository mount when the blob lives in another repository of the
+//! same registry, else an upload from the store (fetching it first from its recorded source
+//! if the image was built on a registry base) — then the manifest, then the tags.
+
+use std::sync::Arc;
+
+use super::pull::{StoreSink, TransferError, bytes_of, manifest_type};
+use super::{Client, FileSource, Reference};
+use crate::digest::Digest;
+use crate::image::Image;
+use crate::media::Descriptor;
+use crate::store::Store;
+
+/// How one blob reached the destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobRoute {
+    /// The destination had it.
+    Present,
+    /// Mounted from another repository of the same registry.
+    Mounted(String),
+    /// Uploaded from the local store.
+    Uploaded,
+    /// Fetched from its source registry, then uploaded.
+    Relayed(String),
+}
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct PushReport {
+    /// The manifest digest at the destination.
+    pub digest: Digest,
+    /// How each blob got there.
+    pub blobs: Vec<(Digest, BlobRoute)>,
+}
+
+async fn push_one(
+    client: Client,
+    store: Store,
+    dest: Reference,
+    desc: Descriptor,
+) -> Result<(Digest, BlobRoute), TransferError> {
+    let d = desc.digest;
+    if !store.has_blob(&d) {
+        let source = store.blob_source(&d).ok_or(TransferError::Unreachable(d))?;
+        let src: Reference = source
+            .parse()
+            .map_err(|e| TransferError::Unsupported(format!("recorded source of {d}: {e}")))?;
+        if client.blob_exists(&dest, &d).await?.is_some() {
+            return Ok((d, BlobRoute::Present));
+        }
+        if src.registry == dest.registry && src.repository != dest.repository {
+            if client.mount_blob(&dest, &d, &src.repository).await? {
+                return Ok((d, BlobRoute::Mounted(src.name())));
+            }
+        } else if src.registry == dest.registry {
+            // Same repository, but the blob is not there: the source is stale.
+            return Err(TransferError::Unreachable(d));
+        }
+        // Another registry (or the mount was refused): relay through the store.
+        let mut sink = StoreSink::new(&store);
+        client.fetch_blob(&src, &desc, &mut sink).await?;
+        sink.commit(d)?;
+        client
+            .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
+            .await?;
+        return Ok((d, BlobRoute::Relayed(src.name())));
+    }
+    // push_blob asks the destination first (HEAD) and reports a skip as an event.
+    client
+        .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
+        .await?;
+    Ok((d, BlobRoute::Uploaded))
+}
+
+/// Push `image` (from `store`) to `dest` and tag it there with `dest`'s tag (or push by
+/// digest when `dest` has none).
+pub async fn push(
+    client: &Client,
+    store: &Store,
+    image: &Image,
+    dest: &Reference,
+) -> Result<PushReport, TransferError> {
+    let mut descs: Vec<Descriptor> = vec![image.manifest.config.clone()];
+    for l in &image.manifest.layers {
+        if !descs.iter().any(|d| d.digest == l.digest) {
+            descs.push(l.clone());
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for desc in descs {
+        tasks.spawn(push_one(client.clone(), store.clone(), dest.clone(), desc));
+    }
+    let mut blobs = Vec::new();
+    let mut first_error = None;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(b)) => blobs.push(b),
+            Ok(Err(e)) => {
+                // Stop starting new work; the manifest is never pushed after a failure.
+                tasks.abort_all();
+                first_error.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                first_error.get_or_insert(TransferError::Unsupported(format!(
+                    "upload task failed: {e}"
+                )));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    blobs.sort_by_key(|(d, _)| *d);
+    let target = match &dest.tag {
+        Some(_) => dest.clone(),
+        None if dest.digest.is_none() => dest.with_tag("latest"),
+        None => dest.with_digest(image.digest()),
+    };
+    let digest = client
+        .put_manifest(&target, bytes_of(image), &manifest_type(image))
+        .await?;
+    if digest != image.digest() {
+        return Err(TransferError::Unsupported(format!(
+            "{target} stored the manifest as {digest}, expected {}",
+            image.digest()
+        )));
+    }
+    Ok(PushReport { digest, blobs })
+}
