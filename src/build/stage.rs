@@ -17,7 +17,7 @@ use crate::image::{ConfigFile, HealthConfig, Image, Layer, history};
 use crate::layer::{Entry, FsTree, LayerWriter, open_decompressed};
 use crate::media::{Descriptor, Platform};
 use crate::source::{Dockerignore, normalize_context_path};
-use crate::store::{OciIndex, REF_NAME, Store, StoreError};
+use crate::store::StoreError;
 
 use super::Fetch;
 
@@ -228,7 +228,9 @@ fn located(ctx: &Ctx, node: &Node, msg: impl std::fmt::Display) -> BuildError {
 fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, String> {
     let store = ctx.store;
     if let Some(rest) = name.strip_prefix("oci:") {
-        return import_oci_layout(store, rest, platform).map_err(|e| e.to_string());
+        let (dir, tag) = crate::store::split_layout_spec(rest);
+        return crate::store::import_oci_layout(store, &dir, tag.as_deref(), platform)
+            .map_err(|e| e.to_string());
     }
     let reference = name.parse::<crate::registry::Reference>();
     if !ctx.remote.is_some_and(|r| r.always_pull) {
@@ -257,54 +259,6 @@ fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, Strin
         ))
         .map(|(image, _)| image)
         .map_err(|e| format!("image {name:?} is not in the local store and pulling it failed: {e}"))
-}
-
-/// Import an image from an OCI layout directory into the store, verifying every blob.
-fn import_oci_layout(store: &Store, spec: &str, platform: &Platform) -> Result<Image, StoreError> {
-    let (dir, tag) = match spec.rsplit_once(':') {
-        Some((d, t)) if !t.contains('/') => (PathBuf::from(d), Some(t)),
-        _ => (PathBuf::from(spec), None),
-    };
-    let index = OciIndex::read(&dir)?;
-    let bad = |msg: String| StoreError::Corrupt(format!("{}: {msg}", dir.display()));
-    let desc = match tag {
-        Some(t) => index
-            .manifests
-            .iter()
-            .find(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(t))
-            .ok_or_else(|| bad(format!("no image tagged {t:?}")))?,
-        None if index.manifests.len() == 1 => &index.manifests[0],
-        None => {
-            return Err(bad(format!(
-                "{} images; name one with oci:DIR:TAG",
-                index.manifests.len()
-            )));
-        }
-    }
-    .clone();
-    let open = |d: &Descriptor| -> Result<(), StoreError> {
-        let path = dir.join("blobs/sha256").join(d.digest.hex());
-        store.import(BufReader::new(fs_err::File::open(path)?), d)
-    };
-    let mut desc = desc;
-    open(&desc)?;
-    if desc.media_type.is_index() {
-        let bytes = store.read_blob(&desc.digest)?;
-        let idx: OciIndex = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        desc = idx
-            .manifests
-            .into_iter()
-            .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)))
-            .ok_or_else(|| bad(format!("no manifest for {platform}")))?;
-        open(&desc)?;
-    }
-    let bytes = store.read_blob(&desc.digest)?;
-    let view = crate::image::ManifestView::parse(&bytes)?;
-    open(&view.config)?;
-    for l in &view.layers {
-        open(l)?;
-    }
-    store.image(&desc.digest)
 }
 
 /// Run stage `i`. `done` holds the stages already built.

@@ -46,6 +46,8 @@ enum Command {
     Login(registry::LoginArgs),
     /// Remove saved credentials for a registry.
     Logout(registry::LogoutArgs),
+    /// Copy an image between registries, OCI layouts and archives (skopeo's transports).
+    Copy(registry::CopyArgs),
     /// List the tags of a repository.
     Tags(registry::TagsArgs),
     /// Delete a manifest from a registry.
@@ -111,6 +113,7 @@ pub fn main() -> ExitCode {
         Command::Push(a) => registry::push(a),
         Command::Login(a) => registry::login(a),
         Command::Logout(a) => registry::logout(a),
+        Command::Copy(a) => registry::copy(a),
         Command::Tags(a) => registry::tags(a),
         Command::Delete(a) => registry::delete(a),
     };

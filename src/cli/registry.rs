@@ -323,3 +323,145 @@ pub(super) fn delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
     println!("Deleted {pinned}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// An image location in skopeo's transport syntax.
+#[derive(Clone, Debug)]
+enum Location {
+    /// `docker://REF`
+    Registry(Reference),
+    /// `oci:DIR[:TAG]`
+    OciDir(PathBuf, Option<String>),
+    /// `oci-archive:FILE[:TAG]`
+    OciArchive(PathBuf, Option<String>),
+    /// `docker-archive:FILE[:NAME:TAG]`
+    DockerArchive(PathBuf, Option<String>),
+    /// `strata:REF` — the local store.
+    Store(String),
+}
+
+fn parse_location(s: &str) -> Result<Location, UsageError> {
+    let (transport, rest) = s.split_once(':').ok_or_else(|| {
+        UsageError(format!(
+            "invalid image location {s:?}: expected docker://REF, oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] or strata:REF"
+        ))
+    })?;
+    let file_and_rest = |r: &str| match r.split_once(':') {
+        Some((f, x)) if !x.is_empty() => (PathBuf::from(f), Some(x.to_string())),
+        Some((f, _)) => (PathBuf::from(f), None),
+        None => (PathBuf::from(r), None),
+    };
+    match transport {
+        "docker" => Ok(Location::Registry(parse_ref(
+            rest.strip_prefix("//")
+                .ok_or_else(|| UsageError(format!("{s:?}: expected docker://REF")))?,
+        )?)),
+        "oci" => {
+            let (d, t) = crate::store::split_layout_spec(rest);
+            Ok(Location::OciDir(d, t))
+        }
+        "oci-archive" => {
+            let (f, t) = file_and_rest(rest);
+            Ok(Location::OciArchive(f, t))
+        }
+        "docker-archive" => {
+            let (f, n) = file_and_rest(rest);
+            Ok(Location::DockerArchive(f, n))
+        }
+        "strata" => Ok(Location::Store(rest.to_string())),
+        other => Err(UsageError(format!("unknown transport {other:?} in {s:?}"))),
+    }
+}
+
+/// `strata copy`
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// Source (`docker://REF`, `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+    /// `docker-archive:FILE[:NAME:TAG]`, `strata:REF` for the local store).
+    source: String,
+    /// Destination, in the same syntax.
+    destination: String,
+    /// Platform to pick from a multi-platform source (default: the host's).
+    #[arg(long)]
+    platform: Option<Platform>,
+    /// Progress output: `auto`, `plain`, `json`.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Copy an image between transports, through the store: manifests are kept byte for byte
+/// (so digests are kept) except from docker-archive, which has none. Registry-to-registry
+/// copies fetch only manifest and config up front; layers are mounted (same registry) or
+/// relayed.
+pub(super) fn copy(a: CopyArgs) -> anyhow::Result<ExitCode> {
+    let src = parse_location(&a.source)?;
+    let dst = parse_location(&a.destination)?;
+    let store = open_store()?;
+    let renderer = Arc::new(TransferRenderer::new(Mode::parse(&a.progress)));
+    let client = a.registry.client(Some(&renderer))?;
+    let platform = a.platform.clone().unwrap_or_else(Platform::host);
+    let rt = runtime()?;
+    let image = match &src {
+        Location::Registry(r) => {
+            rt.block_on(crate::registry::pull_metadata(
+                &client, &store, r, &platform,
+            ))?
+            .0
+        }
+        Location::OciDir(d, t) => {
+            crate::store::import_oci_layout(&store, d, t.as_deref(), &platform)?
+        }
+        Location::OciArchive(f, t) => {
+            crate::store::import_oci_archive(&store, f, t.as_deref(), &platform)?
+        }
+        Location::DockerArchive(f, n) => {
+            crate::store::import_docker_archive(&store, f, n.as_deref())?
+        }
+        Location::Store(r) => store.image(&store.resolve(r)?.digest)?,
+    };
+    let digest = match &dst {
+        Location::Registry(r) => {
+            let report = rt.block_on(crate::registry::push(&client, &store, &image, r))?;
+            renderer.finish();
+            renderer.pushed(r, &report);
+            report.digest
+        }
+        other => {
+            rt.block_on(crate::registry::ensure_blobs(
+                &client,
+                &store,
+                &image.manifest.layers,
+            ))?;
+            renderer.finish();
+            let desc = image.descriptor();
+            let target = match other {
+                Location::OciDir(d, t) => crate::store::ExportTarget::OciDir {
+                    dir: d.clone(),
+                    tag: t.clone(),
+                },
+                Location::OciArchive(f, t) => crate::store::ExportTarget::OciArchive {
+                    file: f.clone(),
+                    tag: t.clone(),
+                },
+                Location::DockerArchive(f, n) => crate::store::ExportTarget::DockerArchive {
+                    file: f.clone(),
+                    name: n.clone(),
+                },
+                Location::Store(name) => {
+                    let n: crate::store::ImageName = name
+                        .parse()
+                        .map_err(|e: crate::store::NameError| UsageError(e.to_string()))?;
+                    store.commit_image(&image, &[n])?;
+                    println!("{}", image.digest());
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Location::Registry(_) => unreachable!("handled above"),
+            };
+            crate::store::export(&store, &desc, &target)?;
+            image.digest()
+        }
+    };
+    println!("{digest}");
+    Ok(ExitCode::SUCCESS)
+}

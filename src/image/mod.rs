@@ -150,7 +150,14 @@ impl Image {
 
     /// Assemble a new OCI image from a config and its layers; the bytes are made here, once.
     pub fn assemble(config: ConfigFile, layers: &[Layer]) -> Result<Image, ImageError> {
-        let config_bytes = config.to_bytes();
+        Image::assemble_with_config_bytes(config.to_bytes(), layers)
+    }
+
+    /// Assemble an OCI image around config bytes kept exactly as they are.
+    pub fn assemble_with_config_bytes(
+        config_bytes: Vec<u8>,
+        layers: &[Layer],
+    ) -> Result<Image, ImageError> {
         let config_desc = Descriptor::for_bytes(MediaType::OciConfig, &config_bytes);
         let manifest = oci_spec::image::ImageManifestBuilder::default()
             .schema_version(2u32)

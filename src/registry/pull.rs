@@ -177,10 +177,11 @@ pub async fn pull_metadata(
                 l.digest, l.media_type
             )));
         }
-        if !store.has_blob(&l.digest) {
-            store.set_blob_source(&l.digest, &pinned.name())?;
-        }
+        // Recorded even when the store has the bytes: a push to another repository of the
+        // same registry can then mount instead of upload.
+        store.set_blob_source(&l.digest, &pinned.name())?;
     }
+    store.set_blob_source(&view.config.digest, &pinned.name())?;
     Ok((image, pinned))
 }
 

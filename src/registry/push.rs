@@ -41,36 +41,43 @@ async fn push_one(
     desc: Descriptor,
 ) -> Result<(Digest, BlobRoute), TransferError> {
     let d = desc.digest;
-    if !store.has_blob(&d) {
-        let source = store.blob_source(&d).ok_or(TransferError::Unreachable(d))?;
-        let src: Reference = source
-            .parse()
-            .map_err(|e| TransferError::Unsupported(format!("recorded source of {d}: {e}")))?;
-        if client.blob_exists(&dest, &d).await?.is_some() {
-            return Ok((d, BlobRoute::Present));
-        }
-        if src.registry == dest.registry && src.repository != dest.repository {
-            if client.mount_blob(&dest, &d, &src.repository).await? {
+    let source = match store.blob_source(&d) {
+        Some(s) => Some(
+            s.parse::<Reference>()
+                .map_err(|e| TransferError::Unsupported(format!("recorded source of {d}: {e}")))?,
+        ),
+        None => None,
+    };
+    // A blob that lives in another repository of the destination registry is mounted, even
+    // when the store has a copy: no bytes move at all.
+    if let Some(src) = &source {
+        if src.registry == dest.registry {
+            if client.blob_exists(&dest, &d).await?.is_some() {
+                return Ok((d, BlobRoute::Present));
+            }
+            if src.repository != dest.repository
+                && client.mount_blob(&dest, &d, &src.repository).await?
+            {
                 return Ok((d, BlobRoute::Mounted(src.name())));
             }
-        } else if src.registry == dest.registry {
-            // Same repository, but the blob is not there: the source is stale.
-            return Err(TransferError::Unreachable(d));
         }
-        // Another registry (or the mount was refused): relay through the store.
-        let mut sink = StoreSink::new(&store);
-        client.fetch_blob(&src, &desc, &mut sink).await?;
-        sink.commit(d)?;
+    }
+    if store.has_blob(&d) {
+        // push_blob asks the destination first (HEAD) and reports a skip as an event.
         client
             .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
             .await?;
-        return Ok((d, BlobRoute::Relayed(src.name())));
+        return Ok((d, BlobRoute::Uploaded));
     }
-    // push_blob asks the destination first (HEAD) and reports a skip as an event.
+    let src = source.ok_or(TransferError::Unreachable(d))?;
+    // Another registry (or a refused mount): relay through the store.
+    let mut sink = StoreSink::new(&store);
+    client.fetch_blob(&src, &desc, &mut sink).await?;
+    sink.commit(d)?;
     client
         .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
         .await?;
-    Ok((d, BlobRoute::Uploaded))
+    Ok((d, BlobRoute::Relayed(src.name())))
 }
 
 /// Push `image` (from `store`) to `dest` and tag it there with `dest`'s tag (or push by

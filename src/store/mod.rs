@@ -10,11 +10,13 @@
 
 mod export;
 mod fsck;
+mod import;
 mod lock;
 mod name;
 
 pub use export::{ExportTarget, export};
 pub use fsck::{FsckReport, fsck};
+pub use import::{import_docker_archive, import_oci_archive, import_oci_layout, split_layout_spec};
 pub use name::{ImageName, NameError};
 
 use std::collections::BTreeSet;
