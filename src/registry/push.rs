@@ -50,16 +50,16 @@ async fn push_one(
     };
     // A blob that lives in another repository of the destination registry is mounted, even
     // when the store has a copy: no bytes move at all.
-    if let Some(src) = &source {
-        if src.registry == dest.registry {
-            if client.blob_exists(&dest, &d).await?.is_some() {
-                return Ok((d, BlobRoute::Present));
-            }
-            if src.repository != dest.repository
-                && client.mount_blob(&dest, &d, &src.repository).await?
-            {
-                return Ok((d, BlobRoute::Mounted(src.name())));
-            }
+    if let Some(src) = &source
+        && src.registry == dest.registry
+    {
+        if client.blob_exists(&dest, &d).await?.is_some() {
+            return Ok((d, BlobRoute::Present));
+        }
+        if src.repository != dest.repository
+            && client.mount_blob(&dest, &d, &src.repository).await?
+        {
+            return Ok((d, BlobRoute::Mounted(src.name())));
         }
     }
     if store.has_blob(&d) {
