@@ -93,6 +93,38 @@ impl BlobSink for StoreSink {
     }
 }
 
+/// A [`BlobSink`] into a plain file (a relay's spool, outside the store).
+pub struct FileSink {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<fs_err::File>,
+}
+
+impl FileSink {
+    /// Create (truncate) `path`.
+    pub fn create(path: &std::path::Path) -> std::io::Result<FileSink> {
+        Ok(FileSink {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::new(fs_err::File::create(path)?),
+        })
+    }
+}
+
+impl BlobSink for FileSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.file = std::io::BufWriter::new(fs_err::File::create(&self.path)?);
+        Ok(())
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        let _ = self.file.flush();
+    }
+}
+
 /// Resolve `r` to a single-platform manifest, descending into an index or manifest list.
 /// Returns the manifest and `r` pinned to its digest.
 pub async fn resolve(

@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use super::pull::{StoreSink, TransferError, bytes_of, manifest_type};
+use super::pull::{FileSink, TransferError, bytes_of, manifest_type};
 use super::{Client, FileSource, Reference};
 use crate::digest::Digest;
 use crate::image::Image;
 use crate::media::Descriptor;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How one blob reached the destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,12 +70,15 @@ async fn push_one(
         return Ok((d, BlobRoute::Uploaded));
     }
     let src = source.ok_or(TransferError::Unreachable(d))?;
-    // Another registry (or a refused mount): relay through the store.
-    let mut sink = StoreSink::new(&store);
+    // Another registry (or a refused mount): relay through a temp file that is never added
+    // to the store, so the upload can resume from any offset and memory stays bounded.
+    let spool = store.temp_dir()?;
+    let path = spool.path().join("relay");
+    let mut sink = FileSink::create(&path).map_err(StoreError::Io)?;
     client.fetch_blob(&src, &desc, &mut sink).await?;
-    sink.commit(d)?;
+    drop(sink);
     client
-        .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
+        .push_blob(&dest, &desc, Arc::new(FileSource(path)))
         .await?;
     Ok((d, BlobRoute::Relayed(src.name())))
 }
