@@ -204,6 +204,21 @@ impl Hasher {
     }
 }
 
+/// Hash everything `r` yields: its digest and length.
+pub fn digest_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let len = h.len();
+    Ok((h.finish(), len))
+}
+
 /// A writer that hashes and counts everything passing through to `inner`.
 pub struct HashingWriter<W> {
     inner: W,

@@ -7,7 +7,7 @@ use std::io;
 use fs_err as fs;
 
 use super::{OciIndex, REF_NAME, Store, StoreError};
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, digest_reader};
 use crate::image::Image;
 use crate::layer::open_decompressed;
 
@@ -24,20 +24,6 @@ pub struct FsckReport {
     pub problems: Vec<String>,
 }
 
-fn hash_reader(mut r: impl io::Read) -> io::Result<(Digest, u64)> {
-    let mut h = Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let len = h.len();
-    Ok((h.finish(), len))
-}
-
 /// Check the whole store.
 pub fn fsck(store: &Store) -> Result<FsckReport, StoreError> {
     let mut report = FsckReport::default();
@@ -52,7 +38,7 @@ pub fn fsck(store: &Store) -> Result<FsckReport, StoreError> {
                 .push(format!("blobs/sha256/{name}: not a sha256 file name"));
             continue;
         };
-        let (found, _) = hash_reader(fs::File::open(entry.path())?)?;
+        let (found, _) = digest_reader(fs::File::open(entry.path())?)?;
         if found == expected {
             good.insert(expected);
         } else {
@@ -130,7 +116,7 @@ fn check_layers(
             ));
         }
         let reader = io::BufReader::new(store.open_blob(&d)?);
-        match open_decompressed(reader).and_then(|r| hash_reader(r).map_err(Into::into)) {
+        match open_decompressed(reader).and_then(|r| digest_reader(r).map_err(Into::into)) {
             Ok((diff_id, _)) if diff_id == layer.diff_id => {}
             Ok((diff_id, _)) => problems.push(format!(
                 "layer {d}: diff_id is {diff_id}, config says {}",

@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use fs_err as fs;
 
 use super::{OciIndex, REF_NAME, Store, StoreError};
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, digest_reader};
 use crate::image::{ConfigFile, Image, Layer, ManifestView};
 use crate::layer::{ArchiveFormat, detect_format};
 use crate::media::{Descriptor, MediaType, Platform};
@@ -122,18 +122,10 @@ pub fn import_oci_archive(
 }
 
 fn hash_file(path: &Path) -> Result<(Digest, u64), StoreError> {
-    let mut f = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
-    let mut h = Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let len = h.len();
-    Ok((h.finish(), len))
+    Ok(digest_reader(BufReader::with_capacity(
+        1 << 20,
+        fs::File::open(path)?,
+    ))?)
 }
 
 /// Import a `docker save` archive. Its layers are plain tars (or gzip, for some writers);
