@@ -5,14 +5,62 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Opens a stream of a file's bytes (e.g. a blob in a git object database).
+pub trait Opener: Send + Sync {
+    /// A fresh reader from the first byte.
+    fn open(&self) -> std::io::Result<Box<dyn std::io::Read + Send>>;
+}
+
 /// Where the bytes of a regular file come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum FileSource {
     /// A file on disk (a context file, or a spooled file unpacked from another layer).
     Path(PathBuf),
     /// Bytes held in memory (heredocs, small generated files).
     Bytes(Arc<[u8]>),
+    /// Bytes from an opener, identified by `id` (e.g. `git:<blob oid>`): equal ids mean
+    /// equal content.
+    Open {
+        /// What the content is, for equality and messages.
+        id: String,
+        /// How to read it.
+        opener: Arc<dyn Opener>,
+    },
 }
+
+impl FileSource {
+    /// A fresh reader of the content.
+    pub fn open(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        match self {
+            FileSource::Path(p) => Ok(Box::new(fs_err::File::open(p)?)),
+            FileSource::Bytes(b) => Ok(Box::new(std::io::Cursor::new(b.clone()))),
+            FileSource::Open { opener, .. } => opener.open(),
+        }
+    }
+}
+
+impl std::fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileSource::Path(p) => f.debug_tuple("Path").field(p).finish(),
+            FileSource::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            FileSource::Open { id, .. } => f.debug_tuple("Open").field(id).finish(),
+        }
+    }
+}
+
+impl PartialEq for FileSource {
+    fn eq(&self, other: &FileSource) -> bool {
+        match (self, other) {
+            (FileSource::Path(a), FileSource::Path(b)) => a == b,
+            (FileSource::Bytes(a), FileSource::Bytes(b)) => a == b,
+            (FileSource::Open { id: a, .. }, FileSource::Open { id: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for FileSource {}
 
 /// What kind of entry, with the data that kind needs.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ mod read;
 mod tar;
 mod tree;
 
-pub use entry::{Entry, EntryKind, FileSource};
+pub use entry::{Entry, EntryKind, FileSource, Opener};
 pub use read::{ArchiveFormat, detect_format, is_archive, is_archive_reader, open_decompressed};
 pub use tar::{LayerStats, LayerWriter};
 pub use tree::{FsTree, Node, NodeKind, SpecialKind, User};

@@ -280,6 +280,23 @@ fn copy_content(w: &mut impl Write, e: &Entry, source: &FileSource, size: u64) -
                 return Err(mismatch(size + 1));
             }
         }
+        FileSource::Open { id, opener } => {
+            let mut r = opener.open()?;
+            let copied = io::copy(&mut (&mut r).take(size), w)?;
+            let mut extra = [0u8; 1];
+            let found = if copied == size && r.read(&mut extra)? != 0 {
+                size + 1
+            } else {
+                copied
+            };
+            if found != size {
+                return Err(LayerError::SizeMismatch {
+                    path: std::path::PathBuf::from(id),
+                    expected: size,
+                    found,
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
-use std::io::{self, Cursor, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -260,13 +260,9 @@ impl FsTree {
             .ok_or_else(|| LayerError::NotFound { path: path.into() })?;
         match self.nodes.get(&resolved).map(|n| &n.kind) {
             Some(NodeKind::File {
-                source: Some(FileSource::Bytes(b)),
+                source: Some(source),
                 ..
-            }) => Ok(Box::new(Cursor::new(b.clone()))),
-            Some(NodeKind::File {
-                source: Some(FileSource::Path(p)),
-                ..
-            }) => Ok(Box::new(fs_err::File::open(p)?)),
+            }) => Ok(source.open()?),
             Some(NodeKind::File { source: None, .. }) => {
                 Err(LayerError::ContentUnavailable { path: resolved })
             }
