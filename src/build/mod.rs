@@ -7,6 +7,7 @@
 //! (one pass: diff_id, compression, blob digest); the image is tagged only after every blob
 //! is stored.
 
+mod cache;
 mod copy;
 mod stage;
 
@@ -67,6 +68,10 @@ pub struct BuildOptions {
     pub source_date_epoch: i64,
     /// Worker threads for compression (output does not depend on it).
     pub threads: u32,
+    /// `--no-cache`: build every layer again (results are still cached).
+    pub no_cache: bool,
+    /// `--no-cache-filter`: stages whose layers are built again.
+    pub no_cache_filter: Vec<String>,
 }
 
 /// Progress of a build, for the CLI to render.
@@ -89,6 +94,8 @@ pub enum Event {
     StepDone {
         /// Sequence number.
         id: usize,
+        /// Whether its layer came from the cache.
+        cached: bool,
         /// The layer it made, if any.
         layer: Option<Descriptor>,
         /// Wall time in milliseconds.
@@ -105,6 +112,10 @@ pub struct BuildOutput {
     pub image: Image,
     /// Its manifest digest.
     pub digest: Digest,
+    /// Layers reused from the cache (no tar, no compression).
+    pub cache_hits: u64,
+    /// Context files whose content had to be read to compute cache keys.
+    pub files_hashed: u64,
 }
 
 /// Errors of a build.
@@ -163,6 +174,12 @@ pub(crate) struct Ctx<'a> {
     pub global_args: BTreeMap<String, Option<String>>,
     /// Images named by `COPY --from=<image>`, loaded once.
     pub images: HashMap<String, StageState>,
+    /// Content digests of context files by stat data.
+    pub stat: std::sync::Mutex<crate::store::StatCache>,
+    /// The context directory (files under it go through the stat cache).
+    pub context_dir: Option<PathBuf>,
+    /// Layers reused from the cache.
+    pub cache_hits: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx<'_> {
@@ -279,6 +296,9 @@ pub fn build(
         context_tree: None,
         global_args,
         images: HashMap::new(),
+        stat: std::sync::Mutex::new(crate::store::StatCache::load(store)),
+        context_dir: std::fs::canonicalize(&opts.context).ok(),
+        cache_hits: std::sync::atomic::AtomicU64::new(0),
     };
     let needed = needed_stages(&stages, target, &ctx)?;
     let mut done: Vec<Option<StageState>> = (0..stages.stages.len()).map(|_| None).collect();
@@ -294,9 +314,16 @@ pub fn build(
         .oci
         .set_created(Some(crate::image::rfc3339(opts.source_date_epoch)));
     let image = Image::assemble(last.config, &last.layers).map_err(StoreError::from)?;
+    let stat = ctx.stat.into_inner().unwrap_or_else(|p| p.into_inner());
+    stat.save(store)?;
     store.put_bytes(&image.config_bytes)?;
     let digest = store.put_bytes(&image.manifest_bytes)?;
-    Ok(BuildOutput { image, digest })
+    Ok(BuildOutput {
+        image,
+        digest,
+        cache_hits: ctx.cache_hits.into_inner(),
+        files_hashed: stat.hashed,
+    })
 }
 
 fn lookup_global(
@@ -415,9 +442,12 @@ pub(crate) fn timed<T>(
     f: impl FnOnce(&mut Ctx) -> Result<(T, Option<Descriptor>), BuildError>,
 ) -> Result<T, BuildError> {
     let start = Instant::now();
+    let hits = ctx.cache_hits.load(std::sync::atomic::Ordering::Relaxed);
     let (v, layer) = f(ctx)?;
+    let cached = ctx.cache_hits.load(std::sync::atomic::Ordering::Relaxed) > hits;
     (ctx.events)(Event::StepDone {
         id,
+        cached,
         layer,
         millis: start.elapsed().as_millis() as u64,
     });

@@ -176,22 +176,56 @@ impl StageState {
         created_by: &str,
     ) -> Result<Descriptor, BuildError> {
         let opts = ctx.opts;
-        let writer = LayerWriter::new()
-            .compression(opts.compression)
-            .level(opts.compression_level)
-            .mtime(u64::try_from(opts.source_date_epoch).unwrap_or(0))
-            .threads(opts.threads);
-        let (stats, blob) = writer.write(entries.clone(), ctx.store.blob_writer()?)?;
-        let (digest, size) = blob.commit(None)?;
-        let descriptor = Descriptor::new(opts.compression.oci_layer_type(), digest, size);
-        self.layers.push(Layer {
-            descriptor: descriptor.clone(),
-            diff_id: stats.diff_id,
-        });
+        let mtime = u64::try_from(opts.source_date_epoch).unwrap_or(0);
+        let settings = super::cache::WriterSettings {
+            compression: opts.compression,
+            level: opts.compression_level,
+            mtime,
+        };
+        let key = {
+            let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
+            super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
+                .map_err(StoreError::Io)?
+        };
+        let use_cache = !opts.no_cache && !opts.no_cache_filter.contains(&self.name);
+        let (layer, cached) = match use_cache.then(|| ctx.store.cache_get(&key)).flatten() {
+            Some(hit) => (
+                Layer {
+                    descriptor: hit.descriptor,
+                    diff_id: hit.diff_id,
+                },
+                true,
+            ),
+            None => {
+                let writer = LayerWriter::new()
+                    .compression(opts.compression)
+                    .level(opts.compression_level)
+                    .mtime(mtime)
+                    .threads(opts.threads);
+                let (stats, blob) = writer.write(entries.clone(), ctx.store.blob_writer()?)?;
+                let (digest, size) = blob.commit(None)?;
+                let layer = Layer {
+                    descriptor: Descriptor::new(opts.compression.oci_layer_type(), digest, size),
+                    diff_id: stats.diff_id,
+                };
+                ctx.store.cache_put(
+                    &key,
+                    &crate::store::CachedLayer {
+                        descriptor: layer.descriptor.clone(),
+                        diff_id: layer.diff_id,
+                    },
+                )?;
+                (layer, false)
+            }
+        };
+        ctx.cache_hits
+            .fetch_add(u64::from(cached), std::sync::atomic::Ordering::Relaxed);
+        let descriptor = layer.descriptor.clone();
         self.config.push_layer(
-            stats.diff_id,
+            layer.diff_id,
             history(created_by, opts.source_date_epoch, false),
         );
+        self.layers.push(layer);
         if let Some((tree, _)) = &mut self.tree {
             tree.apply_entries(&entries)?;
         }

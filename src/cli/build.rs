@@ -70,6 +70,12 @@ pub struct BuildArgs {
     /// Compression worker threads (default: the number of CPUs). Output bytes do not depend on it.
     #[arg(long, env = "STRATA_THREADS")]
     threads: Option<u32>,
+    /// Build every layer again instead of reusing cached ones (results are still cached).
+    #[arg(long = "no-cache")]
+    no_cache: bool,
+    /// Build the layers of these stages again (repeatable or comma-separated).
+    #[arg(long = "no-cache-filter", value_name = "STAGE")]
+    no_cache_filter: Vec<String>,
     /// Push the image to every `-t` registry reference (same as `--output type=registry`).
     #[arg(long)]
     push: bool,
@@ -196,6 +202,14 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         compression_level: a.compression_level,
         source_date_epoch,
         threads: threads.max(1),
+        no_cache: a.no_cache,
+        no_cache_filter: a
+            .no_cache_filter
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect(),
     };
     let mode = if a.quiet {
         Mode::Quiet

@@ -75,8 +75,13 @@ impl Renderer {
                     } => {
                         json!({"type": "step", "id": id, "stage": stage, "index": index, "total": total, "text": text})
                     }
-                    Event::StepDone { id, layer, millis } => json!({
-                        "type": "step_done", "id": id, "millis": millis,
+                    Event::StepDone {
+                        id,
+                        cached,
+                        layer,
+                        millis,
+                    } => json!({
+                        "type": "step_done", "id": id, "millis": millis, "cached": cached,
                         "layer": layer.as_ref().map(|l| json!({"digest": l.digest.to_string(), "size": l.size, "mediaType": l.media_type.to_string()})),
                     }),
                     Event::Warning(m) => json!({"type": "warning", "message": m}),
@@ -96,15 +101,27 @@ impl Renderer {
                     text,
                 },
             ) => self.line(&format!("#{id} [{stage} {index}/{total}] {text}")),
-            (Mode::Plain, Event::StepDone { id, layer, millis }) => {
+            (
+                Mode::Plain,
+                Event::StepDone {
+                    id,
+                    cached,
+                    layer,
+                    millis,
+                },
+            ) => {
                 let extra = layer
                     .as_ref()
                     .map(|l| format!(" (layer {} {})", l.digest.short(), human_size(l.size)))
                     .unwrap_or_default();
-                self.line(&format!(
-                    "#{id} DONE {:.1}s{extra}",
-                    *millis as f64 / 1000.0
-                ));
+                if *cached {
+                    self.line(&format!("#{id} CACHED{extra}"));
+                } else {
+                    self.line(&format!(
+                        "#{id} DONE {:.1}s{extra}",
+                        *millis as f64 / 1000.0
+                    ));
+                }
             }
             (
                 Mode::Tty,
@@ -126,14 +143,26 @@ impl Renderer {
                 bar.enable_steady_tick(std::time::Duration::from_millis(100));
                 self.bars.insert(*id, (bar, msg));
             }
-            (Mode::Tty, Event::StepDone { id, layer, millis }) => {
+            (
+                Mode::Tty,
+                Event::StepDone {
+                    id,
+                    cached,
+                    layer,
+                    millis,
+                },
+            ) => {
                 if let Some((bar, msg)) = self.bars.remove(id) {
                     let extra = layer
                         .as_ref()
                         .map(|l| format!("  {}", human_size(l.size)))
                         .unwrap_or_default();
                     bar.finish_and_clear();
-                    self.line(&format!("✔ {msg}  {:.1}s{extra}", *millis as f64 / 1000.0));
+                    if *cached {
+                        self.line(&format!("✔ {msg}  CACHED{extra}"));
+                    } else {
+                        self.line(&format!("✔ {msg}  {:.1}s{extra}", *millis as f64 / 1000.0));
+                    }
                 }
             }
         }

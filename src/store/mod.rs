@@ -8,12 +8,14 @@
 //! strata processes never lose each other's tags; an image is tagged only after all of its
 //! blobs are present.
 
+mod cache;
 mod export;
 mod fsck;
 mod import;
 mod lock;
 mod name;
 
+pub use cache::{CachedLayer, StatCache};
 pub use export::{ExportTarget, export};
 pub use fsck::{FsckReport, fsck};
 pub use import::{import_docker_archive, import_oci_archive, import_oci_layout, split_layout_spec};

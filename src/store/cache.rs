@@ -1,0 +1,218 @@
+//! The layer cache and the stat cache, kept in the store.
+//!
+//! - `cache/layers/<key>.json` maps a step's cache key (a digest of everything the layer's
+//!   bytes depend on) to the layer it produced: a hit reuses the stored blob without writing,
+//!   compressing or hashing anything. The file's mtime is its last use, for pruning.
+//! - `cache/stat.json` remembers, per context file, (size, mtime, ctime, inode, device) →
+//!   sha256 of its content, like git's index: an unchanged file is never re-read, and a
+//!   touched-but-identical one is re-hashed once and still hits.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use fs_err as fs;
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, write_atomic};
+use crate::digest::{Digest, digest_reader};
+use crate::media::Descriptor;
+
+/// A cached layer: its blob and its diff_id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedLayer {
+    /// The (compressed) blob.
+    pub descriptor: Descriptor,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+}
+
+impl Store {
+    fn cache_path(&self, key: &Digest) -> PathBuf {
+        self.root()
+            .join("cache/layers")
+            .join(format!("{}.json", key.hex()))
+    }
+
+    /// The layer cached under `key`, if its blob is still in the store (or known to live in
+    /// a registry). A hit marks the entry as used now.
+    pub fn cache_get(&self, key: &Digest) -> Option<CachedLayer> {
+        let path = self.cache_path(key);
+        let bytes = fs::read(&path).ok()?;
+        let hit: CachedLayer = serde_json::from_slice(&bytes).ok()?;
+        if !self.has_blob_or_source(&hit.descriptor.digest) {
+            return None;
+        }
+        if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Some(hit)
+    }
+
+    /// Remember that `key` produced `layer`.
+    pub fn cache_put(&self, key: &Digest, layer: &CachedLayer) -> Result<(), StoreError> {
+        let path = self.cache_path(key);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_atomic(
+            &path,
+            &serde_json::to_vec(layer).expect("cache entry serialises"),
+        )?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct StatEntry {
+    size: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime: i64,
+    ctime_ns: i64,
+    ino: u64,
+    dev: u64,
+    digest: Digest,
+}
+
+impl StatEntry {
+    fn matches(&self, md: &std::fs::Metadata) -> bool {
+        self.size == md.len()
+            && self.mtime == md.mtime()
+            && self.mtime_ns == md.mtime_nsec()
+            && self.ctime == md.ctime()
+            && self.ctime_ns == md.ctime_nsec()
+            && self.ino == md.ino()
+            && self.dev == md.dev()
+    }
+}
+
+/// Content digests of files, remembered by their stat data.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    entries: BTreeMap<PathBuf, StatEntry>,
+    dirty: bool,
+    /// Files hashed (read) during this build, for diagnostics and tests.
+    pub hashed: u64,
+}
+
+impl StatCache {
+    fn path(store: &Store) -> PathBuf {
+        store.root().join("cache/stat.json")
+    }
+
+    /// Load the store's stat cache (empty when missing or unreadable: it is only a cache).
+    pub fn load(store: &Store) -> StatCache {
+        let entries = fs::read(Self::path(store))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        StatCache {
+            entries,
+            dirty: false,
+            hashed: 0,
+        }
+    }
+
+    /// Save it if anything changed.
+    pub fn save(&self, store: &Store) -> Result<(), StoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let path = Self::path(store);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_atomic(
+            &path,
+            &serde_json::to_vec(&self.entries).expect("stat cache serialises"),
+        )?;
+        Ok(())
+    }
+
+    /// The sha256 of the file at `path`, from the cache when its stat data is unchanged.
+    /// A file modified less than a second ago is hashed but not remembered (its mtime may
+    /// not change on the next write: git's "racy" rule).
+    pub fn digest(&mut self, path: &Path) -> io::Result<Digest> {
+        let md = fs::symlink_metadata(path)?;
+        if let Some(e) = self.entries.get(path)
+            && e.matches(&md)
+        {
+            return Ok(e.digest);
+        }
+        let (digest, _) =
+            digest_reader(io::BufReader::with_capacity(1 << 20, fs::File::open(path)?))?;
+        self.hashed += 1;
+        let recent = md
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age.as_secs() < 2);
+        let entry = StatEntry {
+            size: md.len(),
+            mtime: md.mtime(),
+            mtime_ns: md.mtime_nsec(),
+            ctime: md.ctime(),
+            ctime_ns: md.ctime_nsec(),
+            ino: md.ino(),
+            dev: md.dev(),
+            digest,
+        };
+        if recent {
+            self.entries.remove(path);
+        } else {
+            self.entries.insert(path.to_path_buf(), entry);
+        }
+        self.dirty = true;
+        Ok(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_cache_rehashes_only_changed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"one").unwrap();
+        let old = SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .append(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let mut c = StatCache::load(&store);
+        assert_eq!(c.digest(&f).unwrap(), Digest::of(b"one"));
+        assert_eq!(c.digest(&f).unwrap(), Digest::of(b"one"));
+        assert_eq!(c.hashed, 1);
+        c.save(&store).unwrap();
+        let mut c = StatCache::load(&store);
+        assert_eq!(c.digest(&f).unwrap(), Digest::of(b"one"));
+        assert_eq!(c.hashed, 0, "unchanged file was re-read");
+        std::fs::write(&f, b"two").unwrap();
+        assert_eq!(c.digest(&f).unwrap(), Digest::of(b"two"));
+        assert_eq!(c.hashed, 1);
+    }
+
+    #[test]
+    fn cache_entries_need_their_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = Digest::of(b"key");
+        let blob = store.put_bytes(b"layer").unwrap();
+        let layer = CachedLayer {
+            descriptor: Descriptor::new(crate::media::MediaType::OciLayer, blob, 5),
+            diff_id: blob,
+        };
+        store.cache_put(&key, &layer).unwrap();
+        assert_eq!(store.cache_get(&key), Some(layer));
+        std::fs::remove_file(store.blob_path(&blob)).unwrap();
+        assert_eq!(store.cache_get(&key), None);
+    }
+}
