@@ -123,7 +123,7 @@ mod tests {
         let a2 = Entry::bytes("a", b"x", 0o644, 0, 0);
         assert_ne!(key(&[a.clone(), b.clone()]), key(&[a2, b.clone()]));
         let a_exec = Entry::bytes("a", b"1", 0o755, 0, 0);
-        assert_ne!(key(&[a.clone()]), key(&[a_exec]));
+        assert_ne!(key(std::slice::from_ref(&a)), key(&[a_exec]));
         let mut zstd = settings();
         zstd.compression = Compression::Zstd;
         assert_ne!(
