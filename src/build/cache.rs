@@ -127,7 +127,7 @@ mod tests {
         let mut zstd = settings();
         zstd.compression = Compression::Zstd;
         assert_ne!(
-            key(&[a.clone()]),
+            key(std::slice::from_ref(&a)),
             layer_key(&[a], &zstd, &mut StatCache::default(), None).unwrap()
         );
     }
