@@ -139,7 +139,7 @@ mod tests {
         std::fs::write(&p, b"one").unwrap();
         let e = Entry::file("f", FileSource::Path(p.clone()), 3, 0o644, 0, 0);
         let k1 = layer_key(
-            &[e.clone()],
+            std::slice::from_ref(&e),
             &settings(),
             &mut StatCache::default(),
             Some(dir.path()),
