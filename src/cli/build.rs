@@ -217,6 +217,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         Mode::parse(&a.progress)
     };
     let store = open_store()?;
+    let _in_use = store.in_use()?;
     let mut renderer = Renderer::new(mode);
     let transfers = Arc::new(TransferRenderer::new(mode));
     let rt = super::registry::runtime()?;

@@ -60,6 +60,108 @@ pub struct ExportArgs {
 #[derive(Args, Debug)]
 pub struct FsckArgs {}
 
+/// `strata prune`
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Keep at most this much blob storage (e.g. `10GB`, `512MiB`), removing the least
+    /// recently used first.
+    #[arg(long = "keep-storage", value_name = "SIZE", value_parser = super::registry::parse_size)]
+    keep_storage: Option<u64>,
+    /// Only remove what was not used for this long: `until=24h` (units s, m, h, d).
+    #[arg(long, value_name = "until=DURATION")]
+    filter: Vec<String>,
+    /// Also remove tagged images.
+    #[arg(short, long)]
+    all: bool,
+}
+
+/// `strata cache`
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CacheCommand {
+    /// Disk usage by kind.
+    Du,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, UsageError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| UsageError(format!("invalid duration {s:?}")))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(UsageError(format!(
+                "invalid duration unit in {s:?} (use s, m, h, d)"
+            )));
+        }
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+pub(super) fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let mut until = None;
+    for f in &a.filter {
+        match f.split_once('=') {
+            Some(("until", d)) => until = Some(parse_duration(d)?),
+            _ => {
+                return Err(
+                    UsageError(format!("unknown filter {f:?} (expected until=DURATION)")).into(),
+                );
+            }
+        }
+    }
+    let store = open_store()?;
+    let r = store::prune(
+        &store,
+        &store::PruneOptions {
+            keep_storage: a.keep_storage,
+            until,
+            all: a.all,
+        },
+    )?;
+    for i in &r.images {
+        println!("removed image {i}");
+    }
+    println!(
+        "removed {} blobs ({}) and {} cache entries",
+        r.blobs,
+        human_size(r.bytes),
+        r.cache_entries
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store()?;
+    match a.command {
+        CacheCommand::Du => {
+            let du = store::disk_usage(&store)?;
+            println!("{:<14} {:>7} {:>12}", "KIND", "BLOBS", "SIZE");
+            for (kind, (n, bytes)) in [
+                ("images", du.images),
+                ("layer cache", du.cache),
+                ("unreferenced", du.unreferenced),
+            ] {
+                println!("{kind:<14} {n:>7} {:>12}", human_size(bytes));
+            }
+            println!("{:<14} {:>7} {:>12}", "other", "-", human_size(du.other));
+            println!("{} cache entries", du.cache_entries);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(super) fn images(a: ImagesArgs) -> anyhow::Result<ExitCode> {
     let store = open_store()?;
     let mut rows = Vec::new();

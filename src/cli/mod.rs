@@ -38,6 +38,10 @@ enum Command {
     Export(images::ExportArgs),
     /// Verify every blob and reference in the local store.
     Fsck(images::FsckArgs),
+    /// Remove least-recently-used blobs and cache entries.
+    Prune(images::PruneArgs),
+    /// Inspect the layer cache.
+    Cache(images::CacheArgs),
     /// Pull an image from a registry into the local store.
     Pull(registry::PullArgs),
     /// Push an image from the local store to a registry.
@@ -109,6 +113,8 @@ pub fn main() -> ExitCode {
         Command::Rmi(a) => images::rmi(a),
         Command::Export(a) => images::export(a),
         Command::Fsck(a) => images::fsck(a),
+        Command::Prune(a) => images::prune(a),
+        Command::Cache(a) => images::cache(a),
         Command::Pull(a) => registry::pull(a),
         Command::Push(a) => registry::push(a),
         Command::Login(a) => registry::login(a),

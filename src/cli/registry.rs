@@ -46,7 +46,7 @@ pub struct RegistryArgs {
 }
 
 /// `4MiB`, `512k`, `1048576`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (n, unit) = t.split_at(split);
@@ -155,6 +155,7 @@ pub struct PullArgs {
 pub(super) fn pull(a: PullArgs) -> anyhow::Result<ExitCode> {
     let r = parse_ref(&a.reference)?;
     let store = open_store()?;
+    let _in_use = store.in_use()?;
     let renderer = Arc::new(TransferRenderer::new(Mode::parse(&a.progress)));
     let client = a.registry.client(Some(&renderer))?;
     let platform = a.platform.clone().unwrap_or_else(Platform::host);
@@ -184,6 +185,7 @@ pub struct PushArgs {
 pub(super) fn push(a: PushArgs) -> anyhow::Result<ExitCode> {
     let dest = parse_ref(a.destination.as_deref().unwrap_or(&a.source))?;
     let store = open_store()?;
+    let _in_use = store.in_use()?;
     let desc = store.resolve(&a.source)?;
     let image = store.image(&desc.digest)?;
     let renderer = Arc::new(TransferRenderer::new(Mode::parse(&a.progress)));
@@ -398,6 +400,7 @@ pub(super) fn copy(a: CopyArgs) -> anyhow::Result<ExitCode> {
     let src = parse_location(&a.source)?;
     let dst = parse_location(&a.destination)?;
     let store = open_store()?;
+    let _in_use = store.in_use()?;
     let renderer = Arc::new(TransferRenderer::new(Mode::parse(&a.progress)));
     let client = a.registry.client(Some(&renderer))?;
     let platform = a.platform.clone().unwrap_or_else(Platform::host);

@@ -11,6 +11,7 @@
 mod cache;
 mod export;
 mod fsck;
+mod gc;
 mod import;
 mod lock;
 mod name;
@@ -18,7 +19,9 @@ mod name;
 pub use cache::{CachedLayer, StatCache};
 pub use export::{ExportTarget, export};
 pub use fsck::{FsckReport, fsck};
+pub use gc::{DiskUsage, PruneOptions, PruneReport, disk_usage, prune};
 pub use import::{import_docker_archive, import_oci_archive, import_oci_layout, split_layout_spec};
+pub use lock::Lock;
 pub use name::{ImageName, NameError};
 
 use std::collections::BTreeSet;
@@ -448,6 +451,7 @@ impl Store {
     /// Remove a reference. When no other reference points at the image any more, its blobs
     /// that no remaining image uses are deleted too. Returns the digest that was untagged.
     pub fn remove(&self, reference: &str) -> Result<Digest, StoreError> {
+        let _gc = lock::Lock::gc(&self.root, true)?;
         let _lock = lock::Lock::exclusive(&self.root)?;
         let mut index = OciIndex::read(&self.root)?;
         let desc = self.resolve(reference)?;
@@ -474,8 +478,14 @@ impl Store {
         Ok(desc.digest)
     }
 
+    /// Hold the shared garbage-collection lock for the life of the returned guard: nothing
+    /// this process uses is pruned meanwhile.
+    pub fn in_use(&self) -> Result<lock::Lock, StoreError> {
+        Ok(lock::Lock::gc(&self.root, false)?)
+    }
+
     /// Blobs used by the images in `index`.
-    fn live_blobs(&self, index: &OciIndex) -> Result<BTreeSet<Digest>, StoreError> {
+    pub(crate) fn live_blobs(&self, index: &OciIndex) -> Result<BTreeSet<Digest>, StoreError> {
         let mut live = BTreeSet::new();
         for d in &index.manifests {
             live.insert(d.digest);
