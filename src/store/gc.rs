@@ -106,11 +106,11 @@ fn inventory(store: &Store) -> Result<Inventory, StoreError> {
     let mut images = Vec::new();
     for d in OciIndex::read(store.root())?.manifests {
         let mut set = BTreeSet::from([d.digest]);
-        if let Ok(bytes) = store.read_blob(&d.digest) {
-            if let Ok(view) = ManifestView::parse(&bytes) {
-                set.insert(view.config.digest);
-                set.extend(view.layers.iter().map(|l| l.digest));
-            }
+        if let Ok(bytes) = store.read_blob(&d.digest)
+            && let Ok(view) = ManifestView::parse(&bytes)
+        {
+            set.insert(view.config.digest);
+            set.extend(view.layers.iter().map(|l| l.digest));
         }
         let tagged = d.annotations.contains_key(REF_NAME);
         let name = d
