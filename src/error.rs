@@ -21,6 +21,9 @@ pub enum Error {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A layer recipe is malformed.
+    #[error(transparent)]
+    Recipe(#[from] crate::recipe::RecipeError),
     /// A build failed.
     #[error(transparent)]
     Build(#[from] crate::build::BuildError),

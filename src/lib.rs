@@ -14,6 +14,7 @@ pub mod error;
 pub mod image;
 pub mod layer;
 pub mod media;
+pub mod recipe;
 pub mod registry;
 pub mod source;
 pub mod store;

@@ -218,11 +218,19 @@ pub(super) fn plan(
         }
     }
 
-    // Missing parents of everything written (unless the view is partial: see `dest_partial`).
-    let (uid, gid) = spec.chown.unwrap_or((0, 0));
-    if spec.dest_partial {
-        return Ok(out.into_values().collect());
+    if !spec.dest_partial {
+        add_missing_parents(&mut out, dest_tree, spec.chown.unwrap_or((0, 0)));
     }
+    Ok(out.into_values().collect())
+}
+
+/// Add a directory entry (0755, `owner`) for every parent of `out`'s paths that neither the
+/// destination view nor `out` has. Not for partial views (see `CopySpec::dest_partial`).
+pub(super) fn add_missing_parents(
+    out: &mut BTreeMap<PathBuf, Entry>,
+    dest_tree: &FsTree,
+    (uid, gid): (u64, u64),
+) {
     let mut parents = Vec::new();
     for p in out.keys() {
         let mut a = p.parent();
@@ -240,7 +248,6 @@ pub(super) fn plan(
         out.entry(d.clone())
             .or_insert_with(|| Entry::dir(d, 0o755, uid, gid));
     }
-    Ok(out.into_values().collect())
 }
 
 fn apply_meta(e: &mut Entry, spec: &CopySpec) {

@@ -9,7 +9,10 @@
 
 mod cache;
 mod copy;
+mod recipe;
 mod stage;
+
+pub use recipe::build_recipe;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -263,7 +266,26 @@ pub fn build(
     let stages = df.stages()?;
     check_build_args(&stages, opts)?;
     let target = target_index(&stages, opts.target.as_deref())?;
+    let mut ctx = prepare(store, remote, opts, &df, &stages, events)?;
+    let needed = needed_stages(&stages, target, &ctx)?;
+    let mut done: Vec<Option<StageState>> = (0..stages.stages.len()).map(|_| None).collect();
+    for i in needed {
+        let state = execute_stage(&mut ctx, &stages, i, &mut done)?;
+        done[i] = Some(state);
+    }
+    let last = done[target].take().expect("the target stage was built");
+    finish(ctx, last)
+}
 
+/// The shared state of a build of `df`: global ARGs evaluated, caches loaded.
+fn prepare<'a>(
+    store: &'a Store,
+    remote: Option<&'a Remote>,
+    opts: &'a BuildOptions,
+    df: &'a Dockerfile,
+    stages: &Stages,
+    events: &'a mut dyn FnMut(Event),
+) -> Result<Ctx<'a>, BuildError> {
     // Global ARGs: defaults expanded against earlier global args and build args.
     let auto = platform_args(&opts.platform);
     let mut global_args: BTreeMap<String, Option<String>> = BTreeMap::new();
@@ -284,12 +306,11 @@ pub fn build(
             }
         }
     }
-
-    let mut ctx = Ctx {
+    Ok(Ctx {
         store,
         remote,
         opts,
-        df: &df,
+        df,
         events,
         step_id: 0,
         work: store.temp_dir()?,
@@ -299,14 +320,12 @@ pub fn build(
         stat: std::sync::Mutex::new(crate::store::StatCache::load(store)),
         context_dir: std::fs::canonicalize(&opts.context).ok(),
         cache_hits: std::sync::atomic::AtomicU64::new(0),
-    };
-    let needed = needed_stages(&stages, target, &ctx)?;
-    let mut done: Vec<Option<StageState>> = (0..stages.stages.len()).map(|_| None).collect();
-    for i in needed {
-        let state = execute_stage(&mut ctx, &stages, i, &mut done)?;
-        done[i] = Some(state);
-    }
-    let mut last = done[target].take().expect("the target stage was built");
+    })
+}
+
+/// Turn the final stage into an image: labels, creation time, manifest and config stored.
+fn finish(ctx: Ctx, mut last: StageState) -> Result<BuildOutput, BuildError> {
+    let (store, opts) = (ctx.store, ctx.opts);
     for (k, v) in &opts.labels {
         last.config.set_label(k, v);
     }

@@ -44,11 +44,11 @@ pub(crate) struct StageState {
     tree: Option<(FsTree, bool)>,
     /// Whether the view leaves out base layers still in a registry (a lazy base): paths not
     /// in the view may then exist in the image.
-    partial: bool,
+    pub(super) partial: bool,
     /// Declared ARGs and their values.
     args: BTreeMap<String, Option<String>>,
     /// Whether CMD came from the base image (ENTRYPOINT then resets it, as Docker does).
-    cmd_inherited: bool,
+    pub(super) cmd_inherited: bool,
     /// The SHELL for shell-form commands.
     shell: Vec<String>,
 }
@@ -93,7 +93,7 @@ impl StageState {
     /// Make sure the file-system view exists (with content when `content`). Without content,
     /// base layers still in a registry are left out (the view is then partial) rather than
     /// downloaded; with content they are fetched first.
-    fn ensure_tree(&mut self, f: &Fetch, content: bool) -> Result<(), BuildError> {
+    pub(super) fn ensure_tree(&mut self, f: &Fetch, content: bool) -> Result<(), BuildError> {
         if matches!(self.tree, Some((_, c)) if c || !content) {
             return Ok(());
         }
@@ -147,7 +147,7 @@ impl StageState {
         Ok(())
     }
 
-    fn tree(&self) -> &FsTree {
+    pub(super) fn tree(&self) -> &FsTree {
         &self.tree.as_ref().expect("ensure_tree was called").0
     }
 
@@ -169,7 +169,7 @@ impl StageState {
     }
 
     /// Write `entries` as a new layer into the store and append it.
-    fn add_layer(
+    pub(super) fn add_layer(
         &mut self,
         ctx: &Ctx,
         entries: Vec<Entry>,
@@ -233,7 +233,7 @@ impl StageState {
         Ok(descriptor)
     }
 
-    fn metadata_step(&mut self, created_by: &str, epoch: i64) {
+    pub(super) fn metadata_step(&mut self, created_by: &str, epoch: i64) {
         self.config.push_history(history(created_by, epoch, true));
     }
 }
@@ -649,7 +649,7 @@ fn current_user_ids(ctx: &Ctx, st: &mut StageState) -> Result<(u64, u64), String
 /// Resolve `user[:group]` to ids against the stage's /etc/passwd and /etc/group.
 /// With `primary_gid`, a user without a group gets its passwd group (USER semantics);
 /// otherwise the gid equals the uid (`--chown` semantics, as Docker documents).
-fn resolve_owner(
+pub(super) fn resolve_owner(
     ctx: &Ctx,
     st: &mut StageState,
     spec: &str,
@@ -848,7 +848,7 @@ fn copy_step(
 }
 
 /// `80`, `80/udp`, `8000-8002/tcp` → normalised `port/proto` entries.
-fn parse_ports(spec: &str) -> Result<Vec<String>, String> {
+pub(super) fn parse_ports(spec: &str) -> Result<Vec<String>, String> {
     let (ports, proto) = match spec.split_once('/') {
         Some((p, proto)) => (p, proto.to_lowercase()),
         None => (spec, "tcp".to_string()),

@@ -24,8 +24,11 @@ pub struct BuildArgs {
     #[arg(default_value = ".")]
     context: PathBuf,
     /// The Dockerfile (default: CONTEXT/Dockerfile).
-    #[arg(short = 'f', long = "file")]
+    #[arg(short = 'f', long = "file", conflicts_with = "recipe")]
     file: Option<PathBuf>,
+    /// Build from a layer recipe (`layers/*.toml`) instead of a Dockerfile.
+    #[arg(long)]
+    recipe: Option<PathBuf>,
     /// Name and optionally tag the image (`name[:tag]`); repeatable.
     #[arg(short = 't', long = "tag")]
     tags: Vec<String>,
@@ -182,8 +185,19 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         .file
         .clone()
         .unwrap_or_else(|| a.context.join("Dockerfile"));
-    let dockerfile = fs_err::read_to_string(&dockerfile_path)
-        .with_context(|| "read the Dockerfile".to_string())?;
+    let recipe = match &a.recipe {
+        Some(path) => {
+            let text = fs_err::read_to_string(path).context("read the recipe")?;
+            Some(crate::recipe::parse(&text, &display_name(path))?)
+        }
+        None => None,
+    };
+    let dockerfile = if recipe.is_some() {
+        String::new()
+    } else {
+        fs_err::read_to_string(&dockerfile_path)
+            .with_context(|| "read the Dockerfile".to_string())?
+    };
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -226,7 +240,12 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         handle: rt.handle().clone(),
         always_pull: a.pull,
     };
-    let result = build::build(&store, Some(&remote), &opts, &mut |e| renderer.event(&e));
+    let result = match &recipe {
+        Some(r) => {
+            build::build_recipe(&store, Some(&remote), r, &opts, &mut |e| renderer.event(&e))
+        }
+        None => build::build(&store, Some(&remote), &opts, &mut |e| renderer.event(&e)),
+    };
     renderer.finish();
     let out = result?;
     let needs_layers = !outputs.is_empty();
