@@ -14,6 +14,9 @@ use crate::layer::{Entry, EntryKind, FsTree};
 use crate::recipe::{Recipe, Unclaimed};
 use crate::store::Store;
 
+/// One layer to write: name, destination, claimed files, owner spec, mode.
+type PlannedLayer = (String, String, Vec<PathBuf>, Option<String>, Option<u32>);
+
 /// Build `recipe` with the context, platform, compression, cache and output settings of
 /// `opts` (its Dockerfile fields are ignored).
 pub fn build_recipe(
@@ -60,7 +63,7 @@ pub fn build_recipe(
             None => unclaimed.push(path.to_path_buf()),
         }
     }
-    let mut plan: Vec<(String, String, Vec<PathBuf>, Option<String>, Option<u32>)> = recipe
+    let mut plan: Vec<PlannedLayer> = recipe
         .layers
         .iter()
         .zip(claimed)
