@@ -119,6 +119,8 @@ pub struct BuildOutput {
     pub cache_hits: u64,
     /// Context files whose content had to be read to compute cache keys.
     pub files_hashed: u64,
+    /// Every (cache key, layer) the build produced or reused, for `--cache-to`.
+    pub cache_entries: Vec<(Digest, crate::store::CachedLayer)>,
 }
 
 /// Errors of a build.
@@ -183,6 +185,8 @@ pub(crate) struct Ctx<'a> {
     pub context_dir: Option<PathBuf>,
     /// Layers reused from the cache.
     pub cache_hits: std::sync::atomic::AtomicU64,
+    /// Every (cache key, layer) of this build, for `--cache-to`.
+    pub used: std::sync::Mutex<Vec<(Digest, crate::store::CachedLayer)>>,
 }
 
 impl Ctx<'_> {
@@ -320,6 +324,7 @@ fn prepare<'a>(
         stat: std::sync::Mutex::new(crate::store::StatCache::load(store)),
         context_dir: std::fs::canonicalize(&opts.context).ok(),
         cache_hits: std::sync::atomic::AtomicU64::new(0),
+        used: std::sync::Mutex::new(Vec::new()),
     })
 }
 
@@ -342,6 +347,7 @@ fn finish(ctx: Ctx, mut last: StageState) -> Result<BuildOutput, BuildError> {
         digest,
         cache_hits: ctx.cache_hits.into_inner(),
         files_hashed: stat.hashed,
+        cache_entries: ctx.used.into_inner().unwrap_or_else(|p| p.into_inner()),
     })
 }
 

@@ -220,6 +220,13 @@ impl StageState {
         };
         ctx.cache_hits
             .fetch_add(u64::from(cached), std::sync::atomic::Ordering::Relaxed);
+        ctx.used.lock().unwrap_or_else(|p| p.into_inner()).push((
+            key,
+            crate::store::CachedLayer {
+                descriptor: layer.descriptor.clone(),
+                diff_id: layer.diff_id,
+            },
+        ));
         let descriptor = layer.descriptor.clone();
         self.config.push_layer(
             layer.diff_id,

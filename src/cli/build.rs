@@ -79,6 +79,12 @@ pub struct BuildArgs {
     /// Build the layers of these stages again (repeatable or comma-separated).
     #[arg(long = "no-cache-filter", value_name = "STAGE")]
     no_cache_filter: Vec<String>,
+    /// Import a layer cache from a registry (`REF` or `type=registry,ref=REF`); repeatable.
+    #[arg(long = "cache-from", value_name = "REF")]
+    cache_from: Vec<String>,
+    /// Export this build's layer cache to a registry (`REF` or `type=registry,ref=REF`).
+    #[arg(long = "cache-to", value_name = "REF")]
+    cache_to: Option<String>,
     /// Push the image to every `-t` registry reference (same as `--output type=registry`).
     #[arg(long)]
     push: bool,
@@ -113,6 +119,31 @@ fn key_values(
         }
     }
     Ok(out)
+}
+
+/// A cache location: `REF`, or buildx's `type=registry,ref=REF[,…]`.
+fn cache_ref(s: &str) -> Result<crate::registry::Reference, UsageError> {
+    let r = if s.starts_with("type=") || s.contains("ref=") {
+        let mut kind = None;
+        let mut r = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("type", t)) => kind = Some(t),
+                Some(("ref", x)) => r = Some(x),
+                _ => {}
+            }
+        }
+        if kind.is_some_and(|k| k != "registry") {
+            return Err(UsageError(format!(
+                "cache {s:?}: only type=registry is supported"
+            )));
+        }
+        r.ok_or_else(|| UsageError(format!("cache {s:?} needs ref=REF")))?
+    } else {
+        s
+    };
+    r.parse()
+        .map_err(|e: crate::store::NameError| UsageError(e.to_string()))
 }
 
 /// Parse `--output`: skopeo transport syntax, or buildx's `type=…,dest=…`.
@@ -240,6 +271,16 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         handle: rt.handle().clone(),
         always_pull: a.pull,
     };
+    let cache_from = a
+        .cache_from
+        .iter()
+        .map(|c| cache_ref(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cache_to = a.cache_to.as_deref().map(cache_ref).transpose()?;
+    for c in &cache_from {
+        let n = rt.block_on(crate::registry::import_cache(&remote.client, &store, c))?;
+        renderer.note(&format!("imported {n} cache entries from {c}"));
+    }
     let result = match &recipe {
         Some(r) => {
             build::build_recipe(&store, Some(&remote), r, &opts, &mut |e| renderer.event(&e))
@@ -276,6 +317,20 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             transfers.finish();
             transfers.pushed(&dest, &report);
         }
+    }
+    if let Some(c) = &cache_to {
+        let report = rt.block_on(crate::registry::export_cache(
+            &remote.client,
+            &store,
+            &out.cache_entries,
+            c,
+        ))?;
+        transfers.finish();
+        renderer.note(&format!(
+            "exported {} cache entries to {c} ({})",
+            out.cache_entries.len(),
+            report.digest
+        ));
     }
     // Tag last: a failed export or push leaves every name where it was.
     store.commit_image(&out.image, &tags)?;

@@ -22,6 +22,7 @@ mod error;
 mod fetch;
 mod pull;
 mod push;
+mod remote_cache;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -32,6 +33,7 @@ pub use client::{Client, MAX_MANIFEST_SIZE, ManifestResponse};
 pub use error::RegistryError;
 pub use fetch::BlobSink;
 pub use pull::{StoreSink, TransferError, ensure_blobs, local_name, pull, pull_metadata, resolve};
-pub use push::{BlobRoute, PushReport, push};
+pub use push::{BlobRoute, PushReport, push, push_manifest};
+pub use remote_cache::{CACHE_CONFIG_TYPE, export_cache, import_cache};
 pub use transport::{ClientOptions, ProgressFn, TransferEvent};
 pub use upload::{BlobSource, FileSource};

@@ -173,7 +173,7 @@ fn is_index_json(bytes: &[u8]) -> bool {
 }
 
 /// Fetch a small blob (a config) whole, verified, and store it.
-async fn fetch_small(
+pub(crate) async fn fetch_small(
     client: &Client,
     store: &Store,
     repo: &Reference,

@@ -92,13 +92,37 @@ pub async fn push(
     dest: &Reference,
 ) -> Result<PushReport, TransferError> {
     let mut descs: Vec<Descriptor> = vec![image.manifest.config.clone()];
-    for l in &image.manifest.layers {
-        if !descs.iter().any(|d| d.digest == l.digest) {
-            descs.push(l.clone());
+    descs.extend(image.manifest.layers.iter().cloned());
+    push_manifest(
+        client,
+        store,
+        &descs,
+        bytes_of(image),
+        &manifest_type(image),
+        dest,
+    )
+    .await
+}
+
+/// Push the blobs `descs` (from the store, or mounted/relayed from their recorded sources),
+/// then the manifest `bytes` — only after every blob made it.
+pub async fn push_manifest(
+    client: &Client,
+    store: &Store,
+    descs: &[Descriptor],
+    bytes: bytes::Bytes,
+    media_type: &crate::media::MediaType,
+    dest: &Reference,
+) -> Result<PushReport, TransferError> {
+    let expected = Digest::of(&bytes);
+    let mut unique: Vec<Descriptor> = Vec::new();
+    for d in descs {
+        if !unique.iter().any(|u| u.digest == d.digest) {
+            unique.push(d.clone());
         }
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for desc in descs {
+    for desc in unique {
         tasks.spawn(push_one(client.clone(), store.clone(), dest.clone(), desc));
     }
     let mut blobs = Vec::new();
@@ -126,15 +150,12 @@ pub async fn push(
     let target = match &dest.tag {
         Some(_) => dest.clone(),
         None if dest.digest.is_none() => dest.with_tag("latest"),
-        None => dest.with_digest(image.digest()),
+        None => dest.with_digest(expected),
     };
-    let digest = client
-        .put_manifest(&target, bytes_of(image), &manifest_type(image))
-        .await?;
-    if digest != image.digest() {
+    let digest = client.put_manifest(&target, bytes, media_type).await?;
+    if digest != expected {
         return Err(TransferError::Unsupported(format!(
-            "{target} stored the manifest as {digest}, expected {}",
-            image.digest()
+            "{target} stored the manifest as {digest}, expected {expected}"
         )));
     }
     Ok(PushReport { digest, blobs })
