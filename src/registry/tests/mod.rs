@@ -1,1 +1,5 @@
 //! Tests against hostile in-process servers and the real distribution registry.
+
+mod fake;
+mod hostile;
+mod server;
