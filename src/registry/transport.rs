@@ -221,4 +221,27 @@ mod tests {
         assert!(p.check(&"https://ghcr.io/x".parse().unwrap()).is_ok());
         assert!(p.check(&"http://[::1]:9/x".parse().unwrap()).is_ok());
     }
+
+    #[test]
+    fn ca_files_must_hold_certificates() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("not-a-cert.pem");
+        std::fs::write(&bad, "hello").unwrap();
+        let opts = ClientOptions {
+            ca_files: vec![bad],
+            ..ClientOptions::default()
+        };
+        let e = http_client(&opts, &SchemePolicy::new(&[])).unwrap_err();
+        assert!(e.to_string().contains("not-a-cert.pem"), "{e}");
+
+        let cert = rcgen::generate_simple_self_signed(vec!["reg.test".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, cert.cert.pem()).unwrap();
+        let opts = ClientOptions {
+            ca_files: vec![good],
+            ..ClientOptions::default()
+        };
+        http_client(&opts, &SchemePolicy::new(&[])).unwrap();
+    }
 }
