@@ -21,6 +21,15 @@ pub enum Error {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A registry conversation failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// Credentials could not be read or written.
+    #[error(transparent)]
+    Credential(#[from] crate::registry::CredentialError),
+    /// A pull, push or copy failed.
+    #[error(transparent)]
+    Transfer(#[from] crate::registry::TransferError),
     /// A layer recipe is malformed.
     #[error(transparent)]
     Recipe(#[from] crate::recipe::RecipeError),

@@ -63,11 +63,18 @@ async fn push_one(
         }
     }
     if store.has_blob(&d) {
-        // push_blob asks the destination first (HEAD) and reports a skip as an event.
-        client
+        // push_blob asks the destination first (HEAD).
+        let uploaded = client
             .push_blob(&dest, &desc, Arc::new(FileSource(store.blob_path(&d))))
             .await?;
-        return Ok((d, BlobRoute::Uploaded));
+        return Ok((
+            d,
+            if uploaded {
+                BlobRoute::Uploaded
+            } else {
+                BlobRoute::Present
+            },
+        ));
     }
     let src = source.ok_or(TransferError::Unreachable(d))?;
     // Another registry (or a refused mount): relay through a temp file that is never added

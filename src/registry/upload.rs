@@ -74,12 +74,13 @@ enum Next {
 impl Client {
     /// Upload blob `desc` to `target`'s repository unless it is already there. Blobs up to
     /// the monolithic threshold go in one PUT; larger ones in chunks (see the module docs).
+    /// Returns whether bytes were uploaded (`false`: the registry had the blob).
     pub async fn push_blob(
         &self,
         target: &Reference,
         desc: &Descriptor,
         source: Arc<dyn BlobSource>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let _permit = self
             .inner
             .permits
@@ -99,7 +100,7 @@ impl Client {
                 digest: desc.digest,
                 size: desc.size,
             });
-            return Ok(());
+            return Ok(false);
         }
         if desc.size <= self.inner.opts.monolithic_threshold {
             self.upload_monolithic(target, &scopes, desc, &source)
@@ -111,7 +112,7 @@ impl Client {
             digest: desc.digest,
             size: desc.size,
         });
-        Ok(())
+        Ok(true)
     }
 
     /// POST a new upload session.
