@@ -117,6 +117,12 @@ pub enum SourceError {
         /// The repository URL, without credentials.
         url: String,
     },
+    /// The remote answered 404 for the repository.
+    #[error("git repository {url} not found")]
+    GitRepoNotFound {
+        /// The repository URL, without credentials.
+        url: String,
+    },
     /// The context's SUBDIR is not a directory of the commit.
     #[error("subdirectory {subdir:?} not found in commit {commit}")]
     GitSubdirNotFound {

@@ -165,27 +165,50 @@ fn receive(
     let outcome = prepare
         .with_shallow(Shallow::DepthAtRemote(depth))
         .receive(gix::progress::Discard, &AtomicBool::new(false));
-    if let Err(e) = outcome {
-        // upload-pack refuses wants it does not have with "not our ref".
-        if matches!(ctx.ref_kind(), RefKind::Commit(_))
-            && e.iter_errors()
-                .any(|e| e.to_string().contains("not our ref"))
-        {
-            return Err(SourceError::GitRefNotFound {
-                reference: id.to_string(),
-                url: ctx.url().to_string(),
-            });
-        }
-        return Err(remote_error(ctx, e));
-    }
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(receive_error(ctx, id, e)),
+    };
     if !has_commit(repo, id) {
         return Err(SourceError::GitRefNotFound {
             reference: ctx.reference().unwrap_or("HEAD").to_string(),
             url: ctx.url().to_string(),
         });
     }
+    // A ref keeps the commit's objects alive should anyone run `git gc` on the cache; with
+    // it in place the pack's `.keep` guard (which gix leaves when no ref was updated) can go.
+    let name = format!("refs/strata/commits/{id}");
+    repo.reference(
+        name.as_str(),
+        id,
+        gix::refs::transaction::PreviousValue::Any,
+        "strata: fetch",
+    )
+    .map_err(|e| remote_error(ctx, e))?;
+    if let gix::remote::fetch::Status::Change {
+        write_pack_bundle, ..
+    } = &outcome.status
+        && let Some(keep) = &write_pack_bundle.keep_path
+    {
+        fs_err::remove_file(keep)?;
+    }
     tracing::debug!(commit = %id, url = ctx.url(), "fetched git commit");
     Ok(id)
+}
+
+/// Sorts an error from receiving the pack.
+fn receive_error(ctx: &GitContext, id: ObjectId, e: gix::Error) -> SourceError {
+    // upload-pack refuses wants it does not have with "not our ref".
+    let unknown_commit = matches!(ctx.ref_kind(), RefKind::Commit(_))
+        && e.iter_errors()
+            .any(|e| e.to_string().contains("not our ref"));
+    if unknown_commit {
+        return SourceError::GitRefNotFound {
+            reference: id.to_string(),
+            url: ctx.url().to_string(),
+        };
+    }
+    remote_error(ctx, e)
 }
 
 /// Sorts a gix error into what the user can act on.
@@ -204,13 +227,33 @@ fn remote_error(ctx: &GitContext, e: gix::Error) -> SourceError {
             })
     });
     if unreachable {
+        // The transport's chain repeats the URL at every level; the innermost cause
+        // ("connection refused", "failed to lookup address") is what the user needs.
         return SourceError::GitConnect {
             host: ctx.host(),
-            source: Box::new(e),
+            source: root_cause(&e).into(),
+        };
+    }
+    let not_found = e.iter_errors().any(|e| {
+        e.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.status() == Some(reqwest::StatusCode::NOT_FOUND))
+    });
+    if not_found {
+        return SourceError::GitRepoNotFound {
+            url: ctx.url().to_string(),
         };
     }
     SourceError::GitRemote {
         url: ctx.url().to_string(),
         source: Box::new(e),
     }
+}
+
+/// The message of the last error in `e`'s source chain.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
