@@ -121,6 +121,10 @@ impl GitCache {
     /// is cached nothing more is transferred, else that one commit is fetched with depth 1.
     /// Fetches into one cache repository are serialised by a file lock, so concurrent
     /// processes are safe.
+    ///
+    /// HTTPS goes through gix's reqwest/rustls transport: the process needs a rustls
+    /// `CryptoProvider` installed (the CLI installs aws-lc-rs at start-up). Fetched commits
+    /// are kept under `refs/strata/commits/<id>` in the cache repository.
     pub fn fetch(&self, ctx: &GitContext, auth: &GitAuth) -> Result<GitCheckout, SourceError> {
         let headers = auth.header_lines(ctx)?;
         let repos = self.dir.join("repos");
