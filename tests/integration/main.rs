@@ -3,9 +3,11 @@
 //! A missing tool fails the test with a message naming the package: peers are never skipped.
 
 mod common;
+mod git_server;
 
 mod build;
 mod errors;
+mod git_context;
 mod harness_selftest;
 mod registry;
 mod reproducible;
