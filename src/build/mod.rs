@@ -47,8 +47,11 @@ const PREDEFINED_ARGS: &[&str] = &[
 /// Everything a build depends on, decided by the caller.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
-    /// The context directory.
+    /// The context directory (for a git context, only a name: see `context_entries`).
     pub context: PathBuf,
+    /// The context's files when they do not come from walking `context` (a git commit):
+    /// already filtered by its `.dockerignore`.
+    pub context_entries: Option<Vec<crate::layer::Entry>>,
     /// The Dockerfile's path (for `.dockerignore` lookup beside it).
     pub dockerfile_path: PathBuf,
     /// The Dockerfile's name for messages (`Dockerfile`, `App/Dockerfile`).
@@ -202,9 +205,14 @@ impl Ctx<'_> {
     /// The build context as a tree (walked once, honouring .dockerignore).
     pub fn context_tree(&mut self) -> Result<&FsTree, BuildError> {
         if self.context_tree.is_none() {
-            let ctx = LocalContext::open(&self.opts.context)?;
-            let ignore = Dockerignore::load(ctx.context_dir(), &self.opts.dockerfile_path)?;
-            let mut entries = ctx.entries(&ignore)?;
+            let mut entries = match &self.opts.context_entries {
+                Some(e) => e.clone(),
+                None => {
+                    let ctx = LocalContext::open(&self.opts.context)?;
+                    let ignore = Dockerignore::load(ctx.context_dir(), &self.opts.dockerfile_path)?;
+                    ctx.entries(&ignore)?
+                }
+            };
             for e in &mut entries {
                 e.mode = context_mode(e);
             }

@@ -20,9 +20,10 @@ use crate::store::{self, ExportTarget, ImageName};
 /// `strata build`
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// The build context directory.
+    /// The build context: a directory, or a git repository
+    /// (`https://host/org/repo.git#REF:SUBDIR`, `git+https://…`).
     #[arg(default_value = ".")]
-    context: PathBuf,
+    context: String,
     /// The Dockerfile (default: CONTEXT/Dockerfile).
     #[arg(short = 'f', long = "file", conflicts_with = "recipe")]
     file: Option<PathBuf>,
@@ -55,9 +56,16 @@ pub struct BuildArgs {
     /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3).
     #[arg(long = "compression-level")]
     compression_level: Option<i32>,
-    /// Timestamp for every file and date in the image (default: $SOURCE_DATE_EPOCH, else 0).
+    /// Timestamp for every file and date in the image: seconds since 1970, or `commit` for
+    /// a git context's commit time (default: $SOURCE_DATE_EPOCH, else 0).
     #[arg(long = "source-date-epoch")]
-    source_date_epoch: Option<i64>,
+    source_date_epoch: Option<String>,
+    /// Token for a git context (sent as HTTP Basic; also `$STRATA_GIT_TOKEN`).
+    #[arg(long = "git-token", env = "STRATA_GIT_TOKEN", hide_env_values = true)]
+    git_token: Option<String>,
+    /// Extra HTTP header for a git context (`X-Api-Key: …`, `Authorization: token …`).
+    #[arg(long = "git-header", value_name = "NAME: VALUE")]
+    git_headers: Vec<String>,
     /// Write the image digest to this file.
     #[arg(long)]
     iidfile: Option<PathBuf>,
@@ -197,25 +205,8 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         return Err(UsageError("--push needs at least one -t registry/repo:tag".into()).into());
     }
     let compression: Compression = a.compression.parse().map_err(UsageError)?;
-    let source_date_epoch = match a.source_date_epoch {
-        Some(v) => v,
-        None => match std::env::var("SOURCE_DATE_EPOCH") {
-            Ok(v) if !v.is_empty() => v
-                .parse()
-                .map_err(|_| UsageError(format!("invalid SOURCE_DATE_EPOCH {v:?}")))?,
-            _ => 0,
-        },
-    };
-    if source_date_epoch < 0 {
-        return Err(UsageError("--source-date-epoch must not be negative".into()).into());
-    }
-    if !a.context.is_dir() {
-        anyhow::bail!("build context {} is not a directory", a.context.display());
-    }
-    let dockerfile_path = a
-        .file
-        .clone()
-        .unwrap_or_else(|| a.context.join("Dockerfile"));
+    let store = open_store()?;
+    let _in_use = store.in_use()?;
     let recipe = match &a.recipe {
         Some(path) => {
             let text = fs_err::read_to_string(path).context("read the recipe")?;
@@ -223,22 +214,39 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let dockerfile = if recipe.is_some() {
-        String::new()
+    let source = if crate::source::is_git_context(&a.context) {
+        git_source(&a, &store, recipe.is_some())?
     } else {
-        fs_err::read_to_string(&dockerfile_path)
-            .with_context(|| "read the Dockerfile".to_string())?
+        local_source(&a, recipe.is_some())?
     };
+    let epoch_text = a.source_date_epoch.clone().or_else(|| {
+        std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .filter(|v| !v.is_empty())
+    });
+    let source_date_epoch = match epoch_text.as_deref() {
+        None => 0,
+        Some("commit") => source
+            .commit_time
+            .ok_or_else(|| UsageError("--source-date-epoch=commit needs a git context".into()))?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| UsageError(format!("invalid source date epoch {v:?}")))?,
+    };
+    if source_date_epoch < 0 {
+        return Err(UsageError("--source-date-epoch must not be negative".into()).into());
+    }
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     });
     let opts = BuildOptions {
-        context: a.context.clone(),
-        dockerfile_name: display_name(&dockerfile_path),
-        dockerfile_path,
-        dockerfile,
+        context: source.dir,
+        context_entries: source.entries,
+        dockerfile_name: source.dockerfile_name,
+        dockerfile_path: source.dockerfile_path,
+        dockerfile: source.dockerfile,
         build_args,
         target: a.target.clone(),
         labels,
@@ -261,9 +269,10 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     } else {
         Mode::parse(&a.progress)
     };
-    let store = open_store()?;
-    let _in_use = store.in_use()?;
     let mut renderer = Renderer::new(mode);
+    if let Some(note) = &source.note {
+        renderer.note(note);
+    }
     let transfers = Arc::new(TransferRenderer::new(mode));
     let rt = super::registry::runtime()?;
     let remote = build::Remote {
@@ -351,6 +360,102 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", out.digest)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a build's Dockerfile and files come from.
+struct Source {
+    dir: PathBuf,
+    entries: Option<Vec<crate::layer::Entry>>,
+    dockerfile_path: PathBuf,
+    dockerfile_name: String,
+    dockerfile: String,
+    commit_time: Option<i64>,
+    note: Option<String>,
+}
+
+fn local_source(a: &BuildArgs, recipe: bool) -> anyhow::Result<Source> {
+    let dir = PathBuf::from(&a.context);
+    if !dir.is_dir() {
+        anyhow::bail!("build context {} is not a directory", dir.display());
+    }
+    let dockerfile_path = a.file.clone().unwrap_or_else(|| dir.join("Dockerfile"));
+    let dockerfile = if recipe {
+        String::new()
+    } else {
+        fs_err::read_to_string(&dockerfile_path).context("read the Dockerfile")?
+    };
+    Ok(Source {
+        dir,
+        entries: None,
+        dockerfile_name: display_name(&dockerfile_path),
+        dockerfile_path,
+        dockerfile,
+        commit_time: None,
+        note: None,
+    })
+}
+
+/// Fetch a git context (one commit, shallow, cached in the store) and read the Dockerfile
+/// and `.dockerignore` from its objects; no checkout is written.
+fn git_source(a: &BuildArgs, store: &crate::store::Store, recipe: bool) -> anyhow::Result<Source> {
+    use crate::registry::Secret;
+    use crate::source::{Dockerignore, GitAuth, GitCache, GitContext};
+    let ctx: GitContext = a.context.parse()?;
+    let mut headers = Vec::new();
+    for h in &a.git_headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| UsageError("--git-header must be NAME: VALUE".into()))?;
+        headers.push((k.trim().to_string(), Secret::new(v.trim())));
+    }
+    let auth = GitAuth {
+        token: a.git_token.clone().map(Secret::new),
+        headers,
+    };
+    let checkout = GitCache::new(store.root().join("git")).fetch(&ctx, &auth)?;
+    let sub = ctx.subdir().unwrap_or("").trim_matches('/').to_string();
+    let in_repo = |rel: &str| {
+        if sub.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{sub}/{rel}")
+        }
+    };
+    let file = a
+        .file
+        .as_ref()
+        .map(|f| f.to_string_lossy().trim_start_matches("./").to_string())
+        .unwrap_or_else(|| "Dockerfile".to_string());
+    let dockerfile = if recipe {
+        String::new()
+    } else {
+        let bytes = checkout
+            .read_file(&in_repo(&file))?
+            .ok_or_else(|| anyhow::anyhow!("{file} not found in {ctx} at {}", checkout.commit))?;
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{file} is not UTF-8 text"))?
+    };
+    let ignore_text = match checkout.read_file(&in_repo(&format!("{file}.dockerignore")))? {
+        Some(t) => Some(t),
+        None => checkout.read_file(&in_repo(".dockerignore"))?,
+    };
+    let ignore = match ignore_text {
+        Some(t) => Dockerignore::parse(&String::from_utf8_lossy(&t))?,
+        None => Dockerignore::empty(),
+    };
+    let entries: Vec<crate::layer::Entry> = checkout
+        .entries(ctx.subdir())?
+        .into_iter()
+        .filter(|e| !ignore.is_excluded(&e.path.to_string_lossy()))
+        .collect();
+    Ok(Source {
+        dir: PathBuf::from(format!("git-context-{}", checkout.commit)),
+        entries: Some(entries),
+        dockerfile_path: PathBuf::from(&file),
+        dockerfile_name: format!("{ctx}/{file}"),
+        dockerfile,
+        commit_time: Some(checkout.commit_time),
+        note: Some(format!("fetched {ctx} at {}", checkout.commit)),
+    })
 }
 
 fn display_name(p: &Path) -> String {

@@ -7,6 +7,7 @@ mod git_server;
 
 mod build;
 mod errors;
+mod git_build;
 mod git_context;
 mod harness_selftest;
 mod registry;
