@@ -488,9 +488,11 @@ async fn token_expiring_mid_chunked_upload_is_refreshed() {
     c.push_blob(&r, &desc, Arc::new(Bytes::from(blob.clone())))
         .await
         .unwrap();
-    let st = state.lock().unwrap();
-    assert_eq!(st.tokens_issued, 2, "one token, then one refresh");
-    assert_eq!(st.blobs[&format!("a/b@{}", desc.digest)], blob);
+    {
+        let st = state.lock().unwrap();
+        assert_eq!(st.tokens_issued, 2, "one token, then one refresh");
+        assert_eq!(st.blobs[&format!("a/b@{}", desc.digest)], blob);
+    }
     assert_eq!(
         patches(&s)
             .iter()
@@ -499,7 +501,6 @@ async fn token_expiring_mid_chunked_upload_is_refreshed() {
         7,
         "6 chunks, one re-sent"
     );
-    drop(st);
     {
         let ev = events.lock().unwrap();
         assert_eq!(
