@@ -6,6 +6,7 @@ mod common;
 mod git_server;
 
 mod build;
+mod cache;
 mod errors;
 mod git_build;
 mod git_context;
