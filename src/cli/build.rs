@@ -66,6 +66,9 @@ pub struct BuildArgs {
     /// Extra HTTP header for a git context (`X-Api-Key: …`, `Authorization: token …`).
     #[arg(long = "git-header", value_name = "NAME: VALUE")]
     git_headers: Vec<String>,
+    /// Also fetch a git context's submodules (recursively) and include their files.
+    #[arg(long = "git-submodules")]
+    git_submodules: bool,
     /// Write the image digest to this file.
     #[arg(long)]
     iidfile: Option<PathBuf>,
@@ -412,7 +415,8 @@ fn git_source(a: &BuildArgs, store: &crate::store::Store, recipe: bool) -> anyho
         token: a.git_token.clone().map(Secret::new),
         headers,
     };
-    let checkout = GitCache::new(store.root().join("git")).fetch(&ctx, &auth)?;
+    let cache = GitCache::new(store.root().join("git"));
+    let checkout = cache.fetch(&ctx, &auth)?;
     let sub = ctx.subdir().unwrap_or("").trim_matches('/').to_string();
     let in_repo = |rel: &str| {
         if sub.is_empty() {
@@ -442,11 +446,12 @@ fn git_source(a: &BuildArgs, store: &crate::store::Store, recipe: bool) -> anyho
         Some(t) => Dockerignore::parse(&String::from_utf8_lossy(&t))?,
         None => Dockerignore::empty(),
     };
-    let entries: Vec<crate::layer::Entry> = checkout
-        .entries(ctx.subdir())?
-        .into_iter()
-        .filter(|e| !ignore.is_excluded(&e.path.to_string_lossy()))
-        .collect();
+    let mut entries = if a.git_submodules {
+        with_submodules(&cache, &auth, &ctx, &checkout, ctx.subdir(), 0)?
+    } else {
+        checkout.entries(ctx.subdir())?
+    };
+    entries.retain(|e| !ignore.is_excluded(&e.path.to_string_lossy()));
     Ok(Source {
         dir: PathBuf::from(format!("git-context-{}", checkout.commit)),
         entries: Some(entries),
@@ -456,6 +461,93 @@ fn git_source(a: &BuildArgs, store: &crate::store::Store, recipe: bool) -> anyho
         commit_time: Some(checkout.commit_time),
         note: Some(format!("fetched {ctx} at {}", checkout.commit)),
     })
+}
+
+/// The entries of `checkout` (below `subdir`) with every submodule's files in place: each
+/// gitlink's commit is fetched (shallow, cached, same auth) from the URL `.gitmodules` gives,
+/// relative URLs resolved against the parent's.
+fn with_submodules(
+    cache: &crate::source::GitCache,
+    auth: &crate::source::GitAuth,
+    ctx: &crate::source::GitContext,
+    checkout: &crate::source::GitCheckout,
+    subdir: Option<&str>,
+    depth: usize,
+) -> anyhow::Result<Vec<crate::layer::Entry>> {
+    if depth > 8 {
+        anyhow::bail!("{ctx}: submodules nest more than 8 levels deep");
+    }
+    let (mut entries, links) = checkout.entries_and_submodules(subdir)?;
+    if links.is_empty() {
+        return Ok(entries);
+    }
+    let modules = checkout
+        .read_file(".gitmodules")?
+        .map(|b| parse_gitmodules(&String::from_utf8_lossy(&b)))
+        .unwrap_or_default();
+    let prefix = subdir.unwrap_or("").trim_matches('/');
+    for (path, commit) in links {
+        let repo_path = if prefix.is_empty() {
+            path.to_string_lossy().into_owned()
+        } else {
+            format!("{prefix}/{}", path.display())
+        };
+        let url = modules.get(&repo_path).ok_or_else(|| {
+            anyhow::anyhow!("{ctx}: submodule {repo_path} has no url in .gitmodules")
+        })?;
+        let url = resolve_submodule_url(ctx.url(), url);
+        let sub_ctx: crate::source::GitContext = format!("{url}#{commit}").parse()?;
+        let sub = cache.fetch(&sub_ctx, auth)?;
+        entries.push(crate::layer::Entry::dir(path.clone(), 0o755, 0, 0));
+        for mut e in with_submodules(cache, auth, &sub_ctx, &sub, None, depth + 1)? {
+            e.path = path.join(&e.path);
+            entries.push(e);
+        }
+    }
+    Ok(entries)
+}
+
+/// `path → url` from a `.gitmodules` file.
+fn parse_gitmodules(text: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let (mut path, mut url) = (None::<String>, None::<String>);
+    let mut flush = |p: &mut Option<String>, u: &mut Option<String>| {
+        if let (Some(p), Some(u)) = (p.take(), u.take()) {
+            out.insert(p, u);
+        }
+    };
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            flush(&mut path, &mut url);
+        } else if let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "path" => path = Some(v.trim().trim_matches('/').to_string()),
+                "url" => url = Some(v.trim().to_string()),
+                _ => {}
+            }
+        }
+    }
+    flush(&mut path, &mut url);
+    out
+}
+
+/// A submodule URL as git resolves it: `../x.git` and `./x` relative to the parent's URL.
+fn resolve_submodule_url(parent: &str, url: &str) -> String {
+    if !(url.starts_with("../") || url.starts_with("./")) {
+        return url.to_string();
+    }
+    let mut base: Vec<&str> = parent.trim_end_matches('/').split('/').collect();
+    for part in url.split('/') {
+        match part {
+            "." => {}
+            ".." => {
+                base.pop();
+            }
+            p => base.push(p),
+        }
+    }
+    // The first `..` replaces the parent repository's own last component.
+    base.join("/")
 }
 
 fn display_name(p: &Path) -> String {
@@ -487,6 +579,23 @@ mod tests {
             parse_output("oci:dir").unwrap(),
             ExportTarget::OciDir { .. }
         ));
+    }
+
+    #[test]
+    fn submodule_urls_resolve_like_git() {
+        let m = parse_gitmodules(
+            "[submodule \"lib\"]\n\tpath = vendor/lib\n\turl = ../lib.git\n[submodule \"x\"]\n path = x\n url = https://h/x.git\n",
+        );
+        assert_eq!(m["vendor/lib"], "../lib.git");
+        assert_eq!(m["x"], "https://h/x.git");
+        assert_eq!(
+            resolve_submodule_url("https://h/repos/org/app.git", "../lib.git"),
+            "https://h/repos/org/lib.git"
+        );
+        assert_eq!(
+            resolve_submodule_url("https://h/org/app", "https://g/y.git"),
+            "https://g/y.git"
+        );
     }
 
     #[test]

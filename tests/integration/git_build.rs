@@ -177,3 +177,69 @@ fn git_errors_are_one_clear_line() {
     );
     assert!(!all.contains(TOKEN), "{all}");
 }
+
+#[test]
+fn git_submodules_are_fetched_when_asked() {
+    let server = GitServer::start(Auth::Basic(TOKEN.into()));
+    let lib = server.create_app_repo("repos/org/lib.git");
+    let app = server.create_app_repo("repos/org/app.git");
+    std::fs::write(
+        app.work.join(".gitmodules"),
+        "[submodule \"lib\"]\n\tpath = vendor/lib\n\turl = ../lib.git\n",
+    )
+    .unwrap();
+    std::fs::write(
+        app.work.join("Dockerfile.sub"),
+        "FROM scratch\nCOPY vendor/lib/App/Program.cs /lib-program.cs\n",
+    )
+    .unwrap();
+    git(&app.work, &["add", ".gitmodules", "Dockerfile.sub"]);
+    git(
+        &app.work,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("160000,{},vendor/lib", lib.v1),
+        ],
+    );
+    git(
+        &app.work,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.invalid",
+            "commit",
+            "-qm",
+            "submodule",
+        ],
+    );
+    git(
+        &app.work,
+        &["push", "-q", app.bare.to_str().unwrap(), "main"],
+    );
+    let env = Env::new();
+    let url = format!("{}#main", server.url("/repos/org/app.git"));
+    // Without the flag the submodule is empty, so the COPY fails clearly.
+    let err = env.fail(
+        &["build", "--git-token", TOKEN, "-f", "Dockerfile.sub", &url],
+        1,
+    );
+    assert!(err.contains("vendor/lib/App/Program.cs"), "{err}");
+    env.ok(&[
+        "build",
+        "-q",
+        "--git-token",
+        TOKEN,
+        "--git-submodules",
+        "-f",
+        "Dockerfile.sub",
+        "-t",
+        "sub",
+        &url,
+    ]);
+    let tree = env.unpack("sub", "sub");
+    // lib's v1 commit has the v1 Program.cs.
+    assert_eq!(tree["lib-program.cs"].0, Obj::File(b"// v1\n".to_vec()));
+}

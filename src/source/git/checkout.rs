@@ -85,11 +85,21 @@ impl GitCheckout {
     /// opened; sizes come from the object headers. Submodules (gitlinks) are skipped: their
     /// commits are not in this repository.
     pub fn entries(&self, subdir: Option<&str>) -> Result<Vec<Entry>, SourceError> {
+        Ok(self.entries_and_submodules(subdir)?.0)
+    }
+
+    /// Like [`entries`](Self::entries), plus the submodules (gitlinks) found: their paths
+    /// (relative to `subdir`) and commit ids, for a caller that fetches them.
+    pub fn entries_and_submodules(
+        &self,
+        subdir: Option<&str>,
+    ) -> Result<(Vec<Entry>, Vec<(PathBuf, String)>), SourceError> {
         let repo = self.repo.to_thread_local();
         let root = self.subdir_tree(&repo, subdir)?;
         let mut out = Vec::new();
-        self.walk(&repo, root, &mut PathBuf::new(), &mut out)?;
-        Ok(out)
+        let mut links = Vec::new();
+        self.walk(&repo, root, &mut PathBuf::new(), &mut out, &mut links)?;
+        Ok((out, links))
     }
 
     /// The content of the file at `path` (relative to the repository root, `/`-separated),
@@ -194,6 +204,7 @@ impl GitCheckout {
         tree: ObjectId,
         prefix: &mut PathBuf,
         out: &mut Vec<Entry>,
+        links: &mut Vec<(PathBuf, String)>,
     ) -> Result<(), SourceError> {
         let t = repo.find_tree(tree).map_err(|e| object_error(tree, e))?;
         let decoded = t.decode().map_err(|e| object_error(tree, e))?;
@@ -211,7 +222,7 @@ impl GitCheckout {
             match kind {
                 GitKind::Tree => {
                     out.push(Entry::dir(prefix.clone(), 0o755, 0, 0));
-                    self.walk(repo, id, prefix, out)?;
+                    self.walk(repo, id, prefix, out, links)?;
                 }
                 GitKind::Blob | GitKind::BlobExecutable => {
                     let size = repo
@@ -237,7 +248,8 @@ impl GitCheckout {
                     out.push(Entry::symlink(prefix.clone(), target, 0, 0));
                 }
                 GitKind::Commit => {
-                    tracing::debug!(path = %prefix.display(), "skipping git submodule");
+                    tracing::debug!(path = %prefix.display(), "git submodule");
+                    links.push((prefix.clone(), id.to_string()));
                 }
             }
             prefix.pop();
