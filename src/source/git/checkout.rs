@@ -55,6 +55,9 @@ impl Opener for BlobOpener {
     }
 }
 
+/// A submodule (gitlink) of a tree: its path and the commit it pins (hex).
+pub type Submodule = (PathBuf, String);
+
 impl GitCheckout {
     /// Opens `commit` in `repo`, failing if it is missing or not a commit.
     pub(crate) fn open(
@@ -93,7 +96,7 @@ impl GitCheckout {
     pub fn entries_and_submodules(
         &self,
         subdir: Option<&str>,
-    ) -> Result<(Vec<Entry>, Vec<(PathBuf, String)>), SourceError> {
+    ) -> Result<(Vec<Entry>, Vec<Submodule>), SourceError> {
         let repo = self.repo.to_thread_local();
         let root = self.subdir_tree(&repo, subdir)?;
         let mut out = Vec::new();
@@ -204,7 +207,7 @@ impl GitCheckout {
         tree: ObjectId,
         prefix: &mut PathBuf,
         out: &mut Vec<Entry>,
-        links: &mut Vec<(PathBuf, String)>,
+        links: &mut Vec<Submodule>,
     ) -> Result<(), SourceError> {
         let t = repo.find_tree(tree).map_err(|e| object_error(tree, e))?;
         let decoded = t.decode().map_err(|e| object_error(tree, e))?;
