@@ -4,9 +4,12 @@
 
 mod common;
 
+mod auth;
 mod build;
 mod errors;
+mod faults;
 mod harness_selftest;
+mod push_pull;
 mod registry;
 mod reproducible;
 mod store;
