@@ -5,12 +5,15 @@
 mod common;
 mod git_server;
 
+mod auth;
 mod build;
 mod cache;
 mod errors;
+mod faults;
 mod git_build;
 mod git_context;
 mod harness_selftest;
+mod push_pull;
 mod registry;
 mod reproducible;
 mod store;
