@@ -57,6 +57,21 @@ impl MediaType {
         }
     }
 
+    /// The OCI equivalent of a Docker media type (same bytes, OCI name); others unchanged.
+    /// An OCI manifest may only list OCI layer types.
+    pub fn to_oci(&self) -> MediaType {
+        match self {
+            MediaType::DockerLayerGzip => MediaType::OciLayerGzip,
+            MediaType::DockerConfig => MediaType::OciConfig,
+            MediaType::DockerManifest => MediaType::OciManifest,
+            MediaType::DockerManifestList => MediaType::OciIndex,
+            MediaType::Other(s) if s == "application/vnd.docker.image.rootfs.diff.tar" => {
+                MediaType::OciLayer
+            }
+            other => other.clone(),
+        }
+    }
+
     /// Whether this names a single-image manifest (OCI or Docker).
     pub fn is_manifest(&self) -> bool {
         matches!(self, MediaType::OciManifest | MediaType::DockerManifest)

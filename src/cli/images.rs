@@ -54,6 +54,8 @@ pub struct ExportArgs {
     /// `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:NAME:TAG]`.
     #[arg(short, long)]
     output: String,
+    #[command(flatten)]
+    registry: super::registry::RegistryArgs,
 }
 
 /// `strata fsck`
@@ -298,7 +300,23 @@ pub(super) fn rmi(a: RmiArgs) -> anyhow::Result<ExitCode> {
 pub(super) fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let target: ExportTarget = a.output.parse().map_err(UsageError)?;
     let store = open_store()?;
+    let _in_use = store.in_use()?;
     let desc = store.resolve(&a.reference)?;
+    let image = store.image(&desc.digest)?;
+    if image
+        .manifest
+        .layers
+        .iter()
+        .any(|l| !store.has_blob(&l.digest))
+    {
+        // Layers of a lazy registry base: fetch them now, exports carry every byte.
+        let client = a.registry.client(None)?;
+        super::registry::runtime()?.block_on(crate::registry::ensure_blobs(
+            &client,
+            &store,
+            &image.manifest.layers,
+        ))?;
+    }
     store::export(&store, &desc, &target)?;
     println!("{}", desc.digest);
     Ok(ExitCode::SUCCESS)

@@ -166,7 +166,11 @@ impl Image {
             .layers(
                 layers
                     .iter()
-                    .map(|l| l.descriptor.to_oci())
+                    .map(|l| {
+                        let mut d = l.descriptor.clone();
+                        d.media_type = d.media_type.to_oci();
+                        d.to_oci()
+                    })
                     .collect::<Vec<_>>(),
             )
             .build()

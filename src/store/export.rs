@@ -114,8 +114,18 @@ pub fn export(
     manifest: &Descriptor,
     target: &ExportTarget,
 ) -> Result<(), StoreError> {
-    let image = store.image(&manifest.digest)?;
+    let mut image = store.image(&manifest.digest)?;
     let mut manifest = manifest.clone();
+    let docker = image.manifest.media_type == Some(crate::media::MediaType::DockerManifest)
+        || image.manifest.config.media_type == crate::media::MediaType::DockerConfig;
+    if docker && !matches!(target, ExportTarget::DockerArchive { .. }) {
+        // An OCI layout holds OCI manifests: re-describe the same config and layer blobs
+        // with OCI media types (as skopeo does; the manifest digest changes, no blob does).
+        let layers = image.layers()?;
+        image = Image::assemble_with_config_bytes(image.config_bytes.clone(), &layers)?;
+        store.put_bytes(&image.manifest_bytes)?;
+        manifest = image.descriptor();
+    }
     manifest.annotations.clear();
     manifest.platform = None;
     match target {

@@ -348,7 +348,6 @@ fn repush_of_an_unchanged_image_uploads_nothing() {
 }
 
 #[test]
-#[ignore = "bug: push summary counts blobs the registry already had as uploaded"]
 fn repush_summary_counts_blobs_already_there() {
     let env = Env::new();
     let reg = Registry::anonymous();
@@ -559,7 +558,6 @@ fn pulls_docker_v2s2_images_skopeo_pushed() {
 }
 
 #[test]
-#[ignore = "bug: FROM a Docker v2s2 base pushes an OCI manifest listing Docker layer media types (umoci refuses it)"]
 fn builds_on_docker_v2s2_images_skopeo_pushed() {
     let env = Env::new();
     let reg = Registry::anonymous();
@@ -787,7 +785,6 @@ fn a_registry_base_is_mounted_not_downloaded() {
 }
 
 #[test]
-#[ignore = "bug: export of an image on a lazy registry base fails: \"blob … is not in the store\""]
 fn export_fetches_the_layers_of_a_lazy_registry_base() {
     let reg = Registry::anonymous();
     let (_, base_tree) = push_base(&reg);
@@ -805,7 +802,6 @@ fn export_fetches_the_layers_of_a_lazy_registry_base() {
 }
 
 #[test]
-#[ignore = "bug: export of a Docker v2s2 image to oci:DIR keeps the Docker manifest; skopeo and umoci can't read the layout"]
 fn a_pulled_docker_image_exports_to_a_readable_oci_layout() {
     let env = Env::new();
     let reg = Registry::anonymous();
