@@ -18,7 +18,7 @@ use crate::store::Store;
 #[command(name = "strata", version, about, long_about = None)]
 pub struct Cli {
     /// Log filter for diagnostics on stderr (e.g. `debug`, `strata=trace`).
-    #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
+    #[arg(long, global = true, env = "STRATA_LOG", default_value = "strata=warn")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -101,7 +101,7 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("strata=warn")),
         )
         .with_writer(std::io::stderr)
         .without_time()

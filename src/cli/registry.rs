@@ -253,6 +253,21 @@ pub(super) fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
     if password.is_empty() {
         return Err(UsageError("the password is empty".into()).into());
     }
+    // Check the credentials with the registry first, as docker does: nothing wrong is saved.
+    let credential = crate::registry::Credential::Basic {
+        username: username.clone(),
+        password: Secret::new(password.clone()),
+    };
+    let mut opts = ClientOptions {
+        insecure_registries: a.registry_args.insecure_registries.clone(),
+        ca_files: a.registry_args.ca_files.clone(),
+        ..ClientOptions::default()
+    };
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()) {
+        opts.ca_files.push(PathBuf::from(f));
+    }
+    let client = Client::new(opts, Arc::new(crate::registry::Fixed(credential)))?;
+    runtime()?.block_on(client.check_login(&registry))?;
     let where_ =
         a.registry_args
             .credential_store()

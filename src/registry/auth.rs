@@ -31,6 +31,11 @@ const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 pub(crate) struct Scopes(Vec<String>);
 
 impl Scopes {
+    /// No scope: what `docker login` asks for to check credentials.
+    pub(crate) fn none() -> Scopes {
+        Scopes(Vec::new())
+    }
+
     /// `repository:<repo>:pull`.
     pub(crate) fn pull(repository: &str) -> Scopes {
         Scopes(vec![format!("repository:{repository}:pull")])

@@ -137,6 +137,28 @@ impl Client {
         }
     }
 
+    /// Decide, once per loopback host, whether it speaks TLS (see `SchemePolicy`).
+    pub(crate) async fn ensure_scheme(&self, r: &Reference) {
+        let host = r.api_host();
+        if !self.inner.scheme.needs_probe(host) {
+            return;
+        }
+        let probe = self
+            .inner
+            .http
+            .get(format!("https://{host}/v2/"))
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await;
+        let scheme = match probe {
+            Ok(_) => "https",
+            Err(e) if speaks_tls(&e) => "https",
+            Err(_) => "http",
+        };
+        tracing::debug!(host, scheme, "probed loopback registry");
+        self.inner.scheme.set_probed(host, scheme);
+    }
+
     /// `<scheme>://<api host>/v2/<repository>/<rest>`.
     pub(crate) fn url(&self, r: &Reference, rest: &str) -> Result<Url, RegistryError> {
         let host = r.api_host();
@@ -183,6 +205,16 @@ impl Client {
         decorate: &(dyn Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder + Sync),
     ) -> Result<Response, RegistryError> {
         let registry = r.registry.as_str();
+        // URLs are formed before a loopback host's scheme is known; settle it here, once.
+        self.ensure_scheme(r).await;
+        let mut url = url.clone();
+        if transport::host_port(&url) == r.api_host() {
+            let want = self.inner.scheme.scheme(r.api_host());
+            if url.scheme() != want {
+                let _ = url.set_scheme(want);
+            }
+        }
+        let url = &url;
         let policy = if retrying {
             &self.inner.retry
         } else {
@@ -217,6 +249,32 @@ impl Client {
                 .challenged(registry, scopes, challenge.as_deref())
                 .await?;
             reauthenticated = true;
+        }
+    }
+
+    /// Check that the credentials for `registry` are accepted, as `docker login` does: `GET
+    /// /v2/`, authenticating as the registry asks (a token with no scope for Bearer).
+    pub async fn check_login(&self, registry: &str) -> Result<(), RegistryError> {
+        let r: Reference =
+            format!("{registry}/login-check")
+                .parse()
+                .map_err(|e: crate::store::NameError| RegistryError::Protocol {
+                    url: registry.to_string(),
+                    msg: e.to_string(),
+                })?;
+        let host = r.api_host();
+        let text = format!("{}://{host}/v2/", self.inner.scheme.scheme(host));
+        let url = Url::parse(&text).map_err(|e| RegistryError::Protocol {
+            url: host.to_string(),
+            msg: format!("cannot form a url: {e}"),
+        })?;
+        let resp = self
+            .send(&r, &Scopes::none(), Method::GET, &url, true, &|rb| rb)
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(status_error(resp, &Method::GET, &url).await)
         }
     }
 
@@ -481,6 +539,28 @@ pub(crate) async fn check(
 }
 
 /// A registry error from a response, with its distribution error body on one line.
+/// Whether a failed HTTPS request reached a TLS server (it presented a certificate we did
+/// not accept) rather than something that does not speak TLS at all.
+fn speaks_tls(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::AlertReceived(_)
+            );
+        }
+        let text = s.to_string();
+        if text.contains("certificate") || text.contains("UnknownIssuer") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 pub(crate) async fn status_error(resp: Response, method: &Method, url: &Url) -> RegistryError {
     let status = resp.status().as_u16();
     let body = if *method == Method::HEAD {

@@ -116,9 +116,28 @@ pub(crate) fn is_retryable_status(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
-/// Whether a transport error is worth retrying (not a bad request or a refused redirect).
+/// Whether a transport error is worth retrying (not a bad request, a refused redirect, or a
+/// TLS certificate we do not trust: asking again gets the same certificate).
 pub(crate) fn is_transient_transport(e: &reqwest::Error) -> bool {
-    !(e.is_builder() || e.is_redirect() || e.is_decode())
+    !(e.is_builder() || e.is_redirect() || e.is_decode() || is_certificate_error(e))
+}
+
+/// Whether the error chain holds a refused TLS certificate.
+pub(crate) fn is_certificate_error(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(tls) = s.downcast_ref::<rustls::Error>() {
+            return matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            );
+        }
+        if s.to_string().contains("invalid peer certificate") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `url` without query, fragment or user info, for errors and logs.

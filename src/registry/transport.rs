@@ -100,17 +100,45 @@ pub enum TransferEvent {
 /// The progress callback type.
 pub type ProgressFn = Arc<dyn Fn(TransferEvent) + Send + Sync>;
 
-/// Where plain HTTP may be used.
+/// Where plain HTTP may be used, and which scheme each host gets.
+///
+/// Hosts named with `--insecure-registry` get plain HTTP. Loopback hosts get whatever they
+/// speak: the first request to one is preceded by a TLS probe (as docker does for
+/// `localhost`), HTTPS when a TLS server answers — including when its certificate is not
+/// trusted, so that error is reported rather than hidden — plain HTTP otherwise. Every other
+/// host gets HTTPS.
 #[derive(Clone, Debug)]
 pub(crate) struct SchemePolicy {
     insecure: Vec<String>,
+    probed: Arc<std::sync::Mutex<std::collections::HashMap<String, &'static str>>>,
 }
 
 impl SchemePolicy {
     pub(crate) fn new(insecure: &[String]) -> SchemePolicy {
         SchemePolicy {
             insecure: insecure.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            probed: Arc::default(),
         }
+    }
+
+    /// Whether `host_port` must be probed before its first request.
+    pub(crate) fn needs_probe(&self, host_port: &str) -> bool {
+        let h = host_port.to_ascii_lowercase();
+        is_loopback_host(&h)
+            && !self.insecure.contains(&h)
+            && !self
+                .probed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&h)
+    }
+
+    /// Record what a probe found.
+    pub(crate) fn set_probed(&self, host_port: &str, scheme: &'static str) {
+        self.probed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_port.to_ascii_lowercase(), scheme);
     }
 
     /// Whether `host_port` may be spoken to over plain HTTP.
@@ -121,6 +149,15 @@ impl SchemePolicy {
 
     /// The scheme for a registry host.
     pub(crate) fn scheme(&self, host_port: &str) -> &'static str {
+        let h = host_port.to_ascii_lowercase();
+        if let Some(s) = self
+            .probed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&h)
+        {
+            return s;
+        }
         if self.allows_http(host_port) {
             "http"
         } else {

@@ -184,7 +184,6 @@ fn a_wrong_password_fails_the_push_naming_the_registry() {
 }
 
 #[test]
-#[ignore = "bug: login saves credentials without checking them with the registry"]
 fn login_checks_the_password_with_the_registry() {
     let env = Env::new();
     let reg = Registry::basic(USER, PASSWORD);
@@ -400,7 +399,6 @@ fn ca_args(ca: &TestCa) -> [String; 2] {
 }
 
 #[test]
-#[ignore = "bug: loopback registries always get plain HTTP, so a TLS registry on 127.0.0.1 answers 400 even with --ca-file"]
 fn a_tls_registry_is_trusted_through_ca_file_or_ssl_cert_file() {
     let env = Env::new();
     let ca = TestCa::new();
@@ -463,7 +461,6 @@ fn an_unknown_certificate_authority_is_refused() {
 }
 
 #[test]
-#[ignore = "bug: loopback registries always get plain HTTP, so a TLS registry on 127.0.0.1 answers 400 even with --ca-file"]
 fn a_tls_registry_on_loopback_without_its_ca_is_refused() {
     let env = Env::new();
     let ca = TestCa::new();
