@@ -279,8 +279,24 @@ impl Client {
     }
 
     /// Fetch a manifest by tag or digest, verifying its digest against the reference (when
-    /// pinned) and the registry's `Docker-Content-Digest` (when sent).
+    /// pinned) and the registry's `Docker-Content-Digest` (when sent). A body that breaks
+    /// off or arrives wrong is fetched again (bounded), like any transient failure.
     pub async fn get_manifest(&self, r: &Reference) -> Result<ManifestResponse, RegistryError> {
+        let attempts = self.inner.opts.max_attempts.max(1);
+        let mut n = 0;
+        loop {
+            n += 1;
+            match self.get_manifest_once(r).await {
+                Err(e) if n < attempts && body_failure(&e) => {
+                    tracing::debug!(reference = %r, error = %e, "manifest body failed; fetching again");
+                    tokio::time::sleep(self.inner.opts.initial_backoff * n as u32).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_manifest_once(&self, r: &Reference) -> Result<ManifestResponse, RegistryError> {
         let url = self.url(r, &format!("manifests/{}", r.reference()))?;
         let resp = self
             .send(
@@ -539,6 +555,17 @@ pub(crate) async fn check(
 }
 
 /// A registry error from a response, with its distribution error body on one line.
+/// Whether a manifest fetch failed in its body (broken off, truncated, or bytes that do not
+/// match the digest the response announced), which a new request may fix.
+fn body_failure(e: &RegistryError) -> bool {
+    match e {
+        RegistryError::Http { source, .. } => !super::error::is_certificate_error(source),
+        RegistryError::Io(_) | RegistryError::Digest(_) => true,
+        RegistryError::Protocol { msg, .. } => msg.contains("body") || msg.contains("truncat"),
+        _ => false,
+    }
+}
+
 /// Whether a failed HTTPS request reached a TLS server (it presented a certificate we did
 /// not accept) rather than something that does not speak TLS at all.
 fn speaks_tls(e: &reqwest::Error) -> bool {

@@ -203,6 +203,8 @@ impl Client {
                         .and_then(|v| range_offset(v, end));
                     session.location = location;
                     accepted += 1;
+                    // Progress: a flaky link may fail again later without giving up.
+                    failures = 0;
                     match server {
                         Some(s) if s > end => {
                             return Err(RegistryError::Protocol {
@@ -258,12 +260,34 @@ impl Client {
             }
         }
         let url = with_digest(&session.location, &desc.digest);
-        let resp = self
+        let result = match self
             .send(target, scopes, Method::PUT, &url, true, &|rb| {
                 rb.header(CONTENT_LENGTH, 0)
             })
-            .await?;
-        finish(resp, &url, desc).await
+            .await
+        {
+            Ok(resp) => finish(resp, &url, desc).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            // The answer to the final PUT was lost, and the retried PUT finds the session
+            // gone because the first one completed it: the blob is there if HEAD says so.
+            Err(e)
+                if matches!(
+                    &e,
+                    RegistryError::Registry { status: 404, .. } | RegistryError::Http { .. }
+                ) =>
+            {
+                match self
+                    .blob_exists_in_scope(target, &desc.digest, scopes)
+                    .await
+                {
+                    Ok(Some(size)) if size == desc.size => Ok(()),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// PATCH bytes `[start, end)` to the session.
