@@ -15,5 +15,6 @@ mod git_context;
 mod harness_selftest;
 mod push_pull;
 mod registry;
+mod relay_copy;
 mod reproducible;
 mod store;
