@@ -204,6 +204,15 @@ fn export_oci_dir(
         if dest.is_file() && fs::metadata(&dest)?.len() == d.size {
             continue;
         }
+        // Same file system: a hard link costs nothing (blobs are immutable, and tools write
+        // new blobs by rename, never in place). Otherwise copy.
+        let link = dir
+            .join("blobs/sha256")
+            .join(format!(".strata-link-{}-{}", std::process::id(), d.digest.hex()));
+        if std::fs::hard_link(store.blob_path(&d.digest), &link).is_ok() {
+            fs::rename(&link, &dest)?;
+            continue;
+        }
         let tmp = tempfile::NamedTempFile::new_in(dir.join("blobs/sha256"))?;
         let mut w = io::BufWriter::new(tmp);
         io::copy(&mut store.open_blob(&d.digest)?, &mut w)?;
