@@ -6,7 +6,10 @@
 //! gzip member (<https://www.rfc-editor.org/rfc/rfc1952>). A block's bytes are a function of its
 //! input and the 32 KiB before it only, so any number of threads gives the same output.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use flate2::{Compress, Crc, FlushCompress, Status};
@@ -16,18 +19,34 @@ const BLOCK: usize = 128 * 1024;
 /// The deflate window: how much preceding input primes each block.
 const DICT: usize = 32 * 1024;
 
-/// A gzip writer compressing `threads` blocks at a time.
+/// A block to compress: sequence number, its 32 KiB dictionary, its input.
+type Job = (u64, Arc<Vec<u8>>, Arc<Vec<u8>>);
+/// A compressed block: sequence number and raw deflate bytes.
+type Done = (u64, io::Result<Vec<u8>>);
+
+/// A gzip writer whose blocks are compressed by a pool of `threads` workers while the caller
+/// keeps producing input (tar headers, file reads, the diff_id hash): the producer and the
+/// compressors overlap, and compressed blocks are written in order as they complete. At most
+/// `2 × threads` blocks are in flight, so memory stays bounded whatever the input size.
 pub(crate) struct ParGzEncoder<W: Write> {
-    out: W,
+    /// The destination; taken by `finish`.
+    out: Option<W>,
     level: u32,
-    threads: usize,
-    /// Full blocks waiting for a batch.
-    pending: Vec<Vec<u8>>,
+    /// Blocks in flight before the producer waits.
+    window: usize,
     /// The block being filled.
     current: Vec<u8>,
-    /// The last 32 KiB of input before `pending[0]` (or `current`).
-    dict: Vec<u8>,
+    /// The block before `current` (its tail primes `current`).
+    previous: Arc<Vec<u8>>,
     crc: Crc,
+    jobs: Option<Sender<Job>>,
+    results: Receiver<Done>,
+    workers: Vec<thread::JoinHandle<()>>,
+    /// Next sequence number to hand out / to write.
+    next_seq: u64,
+    next_write: u64,
+    /// Compressed blocks that finished out of order.
+    ready: BTreeMap<u64, Vec<u8>>,
 }
 
 impl<W: Write> ParGzEncoder<W> {
@@ -41,63 +60,110 @@ impl<W: Write> ParGzEncoder<W> {
         };
         out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, os])?;
         let threads = usize::try_from(threads).unwrap_or(1).max(1);
+        let (jobs, job_rx) = channel::<Job>();
+        let (done_tx, results) = channel::<Done>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let workers = (0..threads)
+            .map(|_| {
+                let job_rx = Arc::clone(&job_rx);
+                let done_tx = done_tx.clone();
+                thread::spawn(move || {
+                    loop {
+                        let job = job_rx.lock().ok().and_then(|rx| rx.recv().ok());
+                        let Some((seq, dict, block)) = job else {
+                            return;
+                        };
+                        let out = deflate_block(level, tail(&dict), &block, false);
+                        if done_tx.send((seq, out)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
         Ok(ParGzEncoder {
-            out,
+            out: Some(out),
             level,
-            threads,
-            pending: Vec::with_capacity(threads),
+            window: 2 * threads,
             current: Vec::with_capacity(BLOCK),
-            dict: Vec::new(),
+            previous: Arc::new(Vec::new()),
             crc: Crc::new(),
+            jobs: Some(jobs),
+            results,
+            workers,
+            next_seq: 0,
+            next_write: 0,
+            ready: BTreeMap::new(),
         })
+    }
+
+    /// Wait for one compressed block and write out everything that is now in order.
+    fn collect_one(&mut self) -> io::Result<()> {
+        let (seq, block) = self
+            .results
+            .recv()
+            .map_err(|_| io::Error::other("gzip compression workers stopped"))?;
+        self.ready.insert(seq, block?);
+        while let Some(block) = self.ready.remove(&self.next_write) {
+            self.out()?.write_all(&block)?;
+            self.next_write += 1;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        while self.next_seq - self.next_write >= self.window as u64 {
+            self.collect_one()?;
+        }
+        let block = Arc::new(std::mem::replace(
+            &mut self.current,
+            Vec::with_capacity(BLOCK),
+        ));
+        let dict = std::mem::replace(&mut self.previous, Arc::clone(&block));
+        self.jobs
+            .as_ref()
+            .expect("jobs are open until finish")
+            .send((self.next_seq, dict, block))
+            .map_err(|_| io::Error::other("gzip compression workers stopped"))?;
+        self.next_seq += 1;
+        Ok(())
     }
 
     /// Compress what is pending, write the final block and the trailer, and return the writer.
     pub(crate) fn finish(mut self) -> io::Result<W> {
-        self.flush_batch()?;
-        let last = deflate_block(self.level, &self.dict, &self.current, true)?;
-        self.out.write_all(&last)?;
-        self.out.write_all(&self.crc.sum().to_le_bytes())?;
-        self.out.write_all(&self.crc.amount().to_le_bytes())?;
-        Ok(self.out)
+        while self.next_write < self.next_seq {
+            self.collect_one()?;
+        }
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let last = deflate_block(self.level, tail(&self.previous), &self.current, true)?;
+        let (sum, amount) = (self.crc.sum(), self.crc.amount());
+        let mut out = self
+            .out
+            .take()
+            .ok_or_else(|| io::Error::other("gzip writer already finished"))?;
+        out.write_all(&last)?;
+        out.write_all(&sum.to_le_bytes())?;
+        out.write_all(&amount.to_le_bytes())?;
+        Ok(out)
     }
 
-    /// Compress the pending full blocks in parallel and write them out in order.
-    fn flush_batch(&mut self) -> io::Result<()> {
-        let Some(last) = self.pending.last() else {
-            return Ok(());
-        };
-        let next_dict = tail(last).to_vec();
-        let level = self.level;
-        let dicts: Vec<&[u8]> = std::iter::once(self.dict.as_slice())
-            .chain(self.pending.iter().map(|b| tail(b)))
-            .collect();
-        let compressed: Vec<io::Result<Vec<u8>>> = if self.pending.len() == 1 {
-            vec![deflate_block(level, dicts[0], &self.pending[0], false)]
-        } else {
-            thread::scope(|s| {
-                let handles: Vec<_> = self
-                    .pending
-                    .iter()
-                    .zip(&dicts)
-                    .map(|(block, dict)| s.spawn(move || deflate_block(level, dict, block, false)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(io::Error::other("gzip compression thread panicked"))
-                        })
-                    })
-                    .collect()
-            })
-        };
-        for block in compressed {
-            self.out.write_all(&block?)?;
+    fn out(&mut self) -> io::Result<&mut W> {
+        self.out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("gzip writer already finished"))
+    }
+}
+
+impl<W: Write> Drop for ParGzEncoder<W> {
+    fn drop(&mut self) {
+        // Closing the job channel stops the workers (also after an error).
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
         }
-        self.pending.clear();
-        self.dict = next_dict;
-        Ok(())
     }
 }
 
@@ -107,11 +173,7 @@ impl<W: Write> Write for ParGzEncoder<W> {
         self.current.extend_from_slice(&buf[..n]);
         self.crc.update(&buf[..n]);
         if self.current.len() == BLOCK {
-            let full = std::mem::replace(&mut self.current, Vec::with_capacity(BLOCK));
-            self.pending.push(full);
-            if self.pending.len() == self.threads {
-                self.flush_batch()?;
-            }
+            self.submit()?;
         }
         Ok(n)
     }

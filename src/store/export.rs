@@ -206,9 +206,11 @@ fn export_oci_dir(
         }
         // Same file system: a hard link costs nothing (blobs are immutable, and tools write
         // new blobs by rename, never in place). Otherwise copy.
-        let link = dir
-            .join("blobs/sha256")
-            .join(format!(".strata-link-{}-{}", std::process::id(), d.digest.hex()));
+        let link = dir.join("blobs/sha256").join(format!(
+            ".strata-link-{}-{}",
+            std::process::id(),
+            d.digest.hex()
+        ));
         if std::fs::hard_link(store.blob_path(&d.digest), &link).is_ok() {
             fs::rename(&link, &dest)?;
             continue;
