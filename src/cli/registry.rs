@@ -96,8 +96,8 @@ impl RegistryArgs {
         CredentialStore::new(docker_dir, self.authfile.clone())
     }
 
-    /// A client with these options.
-    pub fn client(&self, progress: Option<&Arc<TransferRenderer>>) -> anyhow::Result<Client> {
+    /// The client options these flags (and `$SSL_CERT_FILE`) ask for.
+    fn options(&self) -> ClientOptions {
         let mut opts = ClientOptions {
             insecure_registries: self.insecure_registries.clone(),
             ca_files: self.ca_files.clone(),
@@ -113,7 +113,12 @@ impl RegistryArgs {
         if let Some(p) = self.parallel {
             opts.parallelism = p.max(1);
         }
-        let client = Client::new(opts, self.credentials()?)?;
+        opts
+    }
+
+    /// A client with these options.
+    pub fn client(&self, progress: Option<&Arc<TransferRenderer>>) -> anyhow::Result<Client> {
+        let client = Client::new(self.options(), self.credentials()?)?;
         Ok(match progress {
             Some(r) => {
                 let r = Arc::clone(r);
@@ -258,15 +263,10 @@ pub(super) fn login(a: LoginArgs) -> anyhow::Result<ExitCode> {
         username: username.clone(),
         password: Secret::new(password.clone()),
     };
-    let mut opts = ClientOptions {
-        insecure_registries: a.registry_args.insecure_registries.clone(),
-        ca_files: a.registry_args.ca_files.clone(),
-        ..ClientOptions::default()
-    };
-    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()) {
-        opts.ca_files.push(PathBuf::from(f));
-    }
-    let client = Client::new(opts, Arc::new(crate::registry::Fixed(credential)))?;
+    let client = Client::new(
+        a.registry_args.options(),
+        Arc::new(crate::registry::Fixed(credential)),
+    )?;
     runtime()?.block_on(client.check_login(&registry))?;
     let where_ =
         a.registry_args
