@@ -345,7 +345,19 @@ fn finish(ctx: Ctx, mut last: StageState) -> Result<BuildOutput, BuildError> {
     last.config
         .oci
         .set_created(Some(crate::image::rfc3339(opts.source_date_epoch)));
-    let image = Image::assemble(last.config, &last.layers).map_err(StoreError::from)?;
+    let mut annotations = BTreeMap::new();
+    if let Some((name, digest)) = &last.base {
+        annotations.insert(
+            "org.opencontainers.image.base.name".to_string(),
+            name.clone(),
+        );
+        annotations.insert(
+            "org.opencontainers.image.base.digest".to_string(),
+            digest.to_string(),
+        );
+    }
+    let image = Image::assemble_annotated(last.config.to_bytes(), &last.layers, &annotations)
+        .map_err(StoreError::from)?;
     let stat = ctx.stat.into_inner().unwrap_or_else(|p| p.into_inner());
     stat.save(store)?;
     store.put_bytes(&image.config_bytes)?;

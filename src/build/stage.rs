@@ -51,6 +51,9 @@ pub(crate) struct StageState {
     pub(super) cmd_inherited: bool,
     /// The SHELL for shell-form commands.
     shell: Vec<String>,
+    /// The image this stage is based on (its name and resolved manifest digest), for the
+    /// `org.opencontainers.image.base.*` annotations.
+    pub(super) base: Option<(String, crate::digest::Digest)>,
 }
 
 impl StageState {
@@ -65,6 +68,7 @@ impl StageState {
             args: BTreeMap::new(),
             cmd_inherited: false,
             shell: default_shell(),
+            base: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl StageState {
             args: BTreeMap::new(),
             cmd_inherited: image.config.config().cmd().is_some(),
             shell,
+            base: None,
         })
     }
 
@@ -266,11 +271,12 @@ fn located(ctx: &Ctx, node: &Node, msg: impl std::fmt::Display) -> BuildError {
 /// registry reference. A registry image costs its manifest and config only: layers stay in
 /// the registry until a step needs their files, or a push to another registry needs them.
 /// Names in the local store win unless `--pull` was given.
-fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, String> {
+fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<(Image, String), String> {
     let store = ctx.store;
     if let Some(rest) = name.strip_prefix("oci:") {
         let (dir, tag) = crate::store::split_layout_spec(rest);
         return crate::store::import_oci_layout(store, &dir, tag.as_deref(), platform)
+            .map(|i| (i, name.to_string()))
             .map_err(|e| e.to_string());
     }
     let reference = name.parse::<crate::registry::Reference>();
@@ -278,7 +284,12 @@ fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, Strin
         let normalized = reference.as_ref().ok().map(ToString::to_string);
         for candidate in std::iter::once(name.to_string()).chain(normalized) {
             match store.resolve(&candidate) {
-                Ok(desc) => return store.image(&desc.digest).map_err(|e| e.to_string()),
+                Ok(desc) => {
+                    return store
+                        .image(&desc.digest)
+                        .map(|i| (i, candidate.clone()))
+                        .map_err(|e| e.to_string());
+                }
                 Err(StoreError::NotFound(_) | StoreError::Name(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
@@ -298,7 +309,11 @@ fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<Image, Strin
             &r,
             platform,
         ))
-        .map(|(image, _)| image)
+        .map(|(image, _)| {
+            let mut shown = r.clone();
+            shown.digest = None;
+            (image, shown.to_string())
+        })
         .map_err(|e| format!("image {name:?} is not in the local store and pulling it failed: {e}"))
 }
 
@@ -336,9 +351,10 @@ pub(crate) fn execute_stage(
                     .map_err(|m| located(ctx, &stage.from.node, m))?,
                 None => ctx.opts.platform.clone(),
             };
-            let image =
+            let (image, shown) =
                 load_image(ctx, &base, &platform).map_err(|m| located(ctx, &stage.from.node, m))?;
-            let s = StageState::from_image(&image)?;
+            let mut s = StageState::from_image(&image)?;
+            s.base = Some((shown, image.digest()));
             let arch = &image.config.oci.architecture().to_string();
             if *arch != ctx.opts.platform.architecture {
                 (ctx.events)(Event::Warning(format!(
@@ -833,7 +849,7 @@ fn copy_step(
                 copy::plan(&spec, other.tree(), st.tree(), &spool)
             } else {
                 if !ctx.images.contains_key(f) {
-                    let image = load_image(ctx, f, &ctx.opts.platform).map_err(&err)?;
+                    let (image, _) = load_image(ctx, f, &ctx.opts.platform).map_err(&err)?;
                     let s = StageState::from_image(&image)?;
                     ctx.images.insert(f.clone(), s);
                 }

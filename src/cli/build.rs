@@ -351,7 +351,11 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(f) = &a.metadata_file {
         let names: Vec<String> = tags.iter().map(ToString::to_string).collect();
+        let manifest: serde_json::Value = serde_json::from_slice(&out.image.manifest_bytes)?;
+        let base = |k: &str| manifest["annotations"][k].clone();
         let meta = json!({
+            "containerimage.base.name": base("org.opencontainers.image.base.name"),
+            "containerimage.base.digest": base("org.opencontainers.image.base.digest"),
             "containerimage.digest": out.digest.to_string(),
             "containerimage.config.digest": out.image.manifest.config.digest.to_string(),
             "containerimage.descriptor": out.image.descriptor(),

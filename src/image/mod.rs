@@ -158,6 +158,16 @@ impl Image {
         config_bytes: Vec<u8>,
         layers: &[Layer],
     ) -> Result<Image, ImageError> {
+        Image::assemble_annotated(config_bytes, layers, &std::collections::BTreeMap::new())
+    }
+
+    /// Assemble an OCI image with manifest annotations (e.g. the base image it was built on,
+    /// <https://github.com/opencontainers/image-spec/blob/main/annotations.md>).
+    pub fn assemble_annotated(
+        config_bytes: Vec<u8>,
+        layers: &[Layer],
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Image, ImageError> {
         let config_desc = Descriptor::for_bytes(MediaType::OciConfig, &config_bytes);
         let manifest = oci_spec::image::ImageManifestBuilder::default()
             .schema_version(2u32)
@@ -175,6 +185,15 @@ impl Image {
             )
             .build()
             .expect("all required manifest fields are set");
+        let mut manifest = manifest;
+        if !annotations.is_empty() {
+            manifest.set_annotations(Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ));
+        }
         Image::from_bytes(canonical_json(&manifest), config_bytes)
     }
 

@@ -58,6 +58,23 @@ fn a_base_in_another_registry_is_relayed_not_stored() {
             .is_none(),
         "temp files left behind"
     );
+    // The resolved base is recorded, so the build can be repeated exactly.
+    let ann = env.ok(&[
+        "inspect",
+        &two.image("app:1"),
+        "--format",
+        ".Manifest.annotations",
+    ]);
+    let ann: serde_json::Value = serde_json::from_str(&ann).unwrap();
+    assert_eq!(
+        ann["org.opencontainers.image.base.name"],
+        one.image("base:1").as_str()
+    );
+    let base_digest = remote_digest(&seed, &one.image("base:1"), &[]);
+    assert_eq!(
+        ann["org.opencontainers.image.base.digest"],
+        base_digest.as_str()
+    );
     let tree = remote_tree(&env, &two.image("app:1"), "relayed", &[]);
     assert_eq!(tree["big"].0, Obj::File(big));
     assert_eq!(tree["app.txt"].0, Obj::File(b"app".to_vec()));
