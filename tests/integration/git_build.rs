@@ -243,3 +243,50 @@ fn git_submodules_are_fetched_when_asked() {
     // lib's v1 commit has the v1 Program.cs.
     assert_eq!(tree["lib-program.cs"].0, Obj::File(b"// v1\n".to_vec()));
 }
+
+#[test]
+fn short_commit_ids_resolve_like_git() {
+    let server = GitServer::start(Auth::Basic(TOKEN.into()));
+    let repo = server.create_app_repo("repos/org/app.git");
+    let commit = add_dockerfile(&repo);
+    let env = Env::new();
+    let url = server.url("/repos/org/app.git");
+    let full = env.ok(&[
+        "build",
+        "-q",
+        "--git-token",
+        TOKEN,
+        "-f",
+        "Dockerfile.strata",
+        &format!("{url}#{commit}"),
+    ]);
+    // A short id of the tip, and of a commit no ref points at.
+    let short = env.ok(&[
+        "build",
+        "-q",
+        "--git-token",
+        TOKEN,
+        "-f",
+        "Dockerfile.strata",
+        &format!("{url}#{}", &commit[..8]),
+    ]);
+    assert_eq!(full, short);
+    let err = env.fail(
+        &[
+            "build",
+            "--git-token",
+            TOKEN,
+            &format!("{url}#{}:NoDir", &repo.initial[..9]),
+        ],
+        1,
+    );
+    assert!(
+        err.contains("NoDir"),
+        "resolved the old commit, then missed the subdir: {err}"
+    );
+    let err = env.fail(
+        &["build", "--git-token", TOKEN, &format!("{url}#deadbeef")],
+        1,
+    );
+    assert!(err.contains("deadbeef not found"), "{err}");
+}

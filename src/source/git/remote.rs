@@ -21,7 +21,94 @@ type Prepare<'remote, 'repo> = gix::remote::fetch::Prepare<
 >;
 
 /// Resolves `ctx`'s REF on the remote and makes sure its commit is in `repo`; returns it.
+/// A REF that names no ref but looks like an abbreviated commit id (4–39 hex digits) is
+/// resolved the way git resolves it locally: against the history of every branch and tag,
+/// fetched in full once (the protocol cannot expand abbreviations remotely).
 pub(super) fn fetch(
+    repo: &gix::Repository,
+    ctx: &GitContext,
+    headers: &[String],
+) -> Result<ObjectId, SourceError> {
+    match fetch_ref(repo, ctx, headers) {
+        Err(SourceError::GitRefNotFound { reference, url }) => match ctx.ref_kind() {
+            RefKind::Name(name) if is_short_hex(name) => {
+                fetch_abbreviated(repo, ctx, headers, name)
+            }
+            _ => Err(SourceError::GitRefNotFound { reference, url }),
+        },
+        other => other,
+    }
+}
+
+fn is_short_hex(s: &str) -> bool {
+    (4..40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The commit an abbreviated id names in `repo`, if exactly one does.
+fn resolve_abbreviated(
+    repo: &gix::Repository,
+    ctx: &GitContext,
+    prefix: &str,
+) -> Result<Option<ObjectId>, SourceError> {
+    let Ok(p) = gix::hash::Prefix::from_hex(prefix) else {
+        return Ok(None);
+    };
+    match repo.objects.lookup_prefix(p, None) {
+        Ok(Some(Ok(id))) if has_commit(repo, id) => Ok(Some(id)),
+        Ok(Some(Err(()))) => Err(SourceError::GitRemote {
+            url: ctx.url().to_string(),
+            source: format!("commit id {prefix} is ambiguous; give more digits").into(),
+        }),
+        _ => Ok(None),
+    }
+}
+
+fn fetch_abbreviated(
+    repo: &gix::Repository,
+    ctx: &GitContext,
+    headers: &[String],
+    prefix: &str,
+) -> Result<ObjectId, SourceError> {
+    let not_found = || SourceError::GitRefNotFound {
+        reference: prefix.to_string(),
+        url: ctx.url().to_string(),
+    };
+    let id = match resolve_abbreviated(repo, ctx, prefix)? {
+        Some(id) => id,
+        None => {
+            let url = gix::url::parse(ctx.url()).map_err(|e| remote_error(ctx, e))?;
+            let remote = repo
+                .remote_at_without_url_rewrite(url)
+                .and_then(|r| {
+                    r.with_refspecs(
+                        [
+                            "+refs/heads/*:refs/strata/history/heads/*",
+                            "+refs/tags/*:refs/strata/history/tags/*",
+                        ],
+                        Direction::Fetch,
+                    )
+                })
+                .map(|r| r.with_fetch_tags(Tags::None))
+                .map_err(|_| not_found())?;
+            let prepare = prepare(&remote, ctx, headers)?;
+            prepare
+                .with_shallow(Shallow::undo())
+                .receive(gix::progress::Discard, &AtomicBool::new(false))
+                .map_err(|e| remote_error(ctx, e))?;
+            resolve_abbreviated(repo, ctx, prefix)?.ok_or_else(not_found)?
+        }
+    };
+    repo.reference(
+        format!("refs/strata/commits/{id}").as_str(),
+        id,
+        gix::refs::transaction::PreviousValue::Any,
+        "strata: fetch",
+    )
+    .map_err(|e| remote_error(ctx, e))?;
+    Ok(id)
+}
+
+fn fetch_ref(
     repo: &gix::Repository,
     ctx: &GitContext,
     headers: &[String],
