@@ -15,8 +15,8 @@ use crate::source::SourceError;
 /// - REF: a branch, a tag, a full ref name (`refs/pull/1/head`) or a full 40-hex commit id;
 ///   absent or empty means the remote's `HEAD`. Names resolve in git's order
 ///   (`refs/<name>`, `refs/tags/<name>`, `refs/heads/<name>`, …), as `git fetch origin <name>`
-///   does. Abbreviated commit ids are not accepted (as in BuildKit): the remote cannot be
-///   asked to expand them.
+///   does. A name that matches no ref but looks like an abbreviated commit id is resolved
+///   against the fetched history (see `remote::fetch`).
 /// - SUBDIR: the directory inside the repository used as the context root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GitContext {
