@@ -20,11 +20,86 @@ use crate::store::StatCache;
 /// Bump when the layer writer's output for the same entries changes.
 const FORMAT: &str = "strata-layer-cache-v1";
 
-/// The writer settings that shape a layer's bytes.
+/// The writer settings that shape a layer's bytes (and the threads to hash with, which do
+/// not).
 pub(crate) struct WriterSettings {
     pub compression: Compression,
     pub level: Option<i32>,
     pub mtime: u64,
+    pub threads: u32,
+}
+
+/// The content digest of every on-disk file of `entries`: from the stat cache for context
+/// files whose stat data is unchanged, the rest hashed on `threads` threads.
+fn file_digests<'a>(
+    entries: &'a [Entry],
+    stat: &mut StatCache,
+    context: Option<&Path>,
+    threads: u32,
+) -> std::io::Result<HashMap<&'a Path, Digest>> {
+    let mut known = HashMap::new();
+    let mut todo: Vec<(&'a Path, Option<std::fs::Metadata>)> = Vec::new();
+    for e in entries {
+        let EntryKind::File {
+            source: FileSource::Path(p),
+            ..
+        } = &e.kind
+        else {
+            continue;
+        };
+        if context.is_some_and(|c| p.starts_with(c)) {
+            let md = fs_err::symlink_metadata(p)?;
+            match stat.lookup(p, &md) {
+                Some(d) => {
+                    known.insert(p.as_path(), d);
+                }
+                None => todo.push((p.as_path(), Some(md))),
+            }
+        } else {
+            todo.push((p.as_path(), None));
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = usize::try_from(threads)
+        .unwrap_or(1)
+        .clamp(1, 16)
+        .min(todo.len().max(1));
+    let hashed: Vec<std::io::Result<Vec<(usize, Digest)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((p, _)) = todo.get(i) else { break };
+                        let f = fs_err::File::open(p)?;
+                        out.push((
+                            i,
+                            digest_reader(std::io::BufReader::with_capacity(1 << 18, f))?.0,
+                        ));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("hashing thread panicked")))
+            })
+            .collect()
+    });
+    for part in hashed {
+        for (i, d) in part? {
+            let (p, md) = &todo[i];
+            if let Some(md) = md {
+                stat.insert(p, md, d);
+            }
+            known.insert(*p, d);
+        }
+    }
+    Ok(known)
 }
 
 fn field(h: &mut Hasher, bytes: &[u8]) {
@@ -40,6 +115,7 @@ pub(crate) fn layer_key(
     stat: &mut StatCache,
     context: Option<&Path>,
 ) -> std::io::Result<Digest> {
+    let digests = file_digests(entries, stat, context, settings.threads)?;
     let mut h = Hasher::new();
     field(&mut h, FORMAT.as_bytes());
     field(&mut h, settings.compression.name().as_bytes());
@@ -83,14 +159,10 @@ pub(crate) fn layer_key(
                 let content = match source {
                     FileSource::Bytes(b) => Digest::of(b).to_string(),
                     FileSource::Open { id, .. } => id.clone(),
-                    FileSource::Path(p) if context.is_some_and(|c| p.starts_with(c)) => {
-                        stat.digest(p)?.to_string()
-                    }
-                    FileSource::Path(p) => {
-                        digest_reader(std::io::BufReader::new(fs_err::File::open(p)?))?
-                            .0
-                            .to_string()
-                    }
+                    FileSource::Path(p) => digests
+                        .get(p.as_path())
+                        .expect("every path was hashed above")
+                        .to_string(),
                 };
                 field(&mut h, content.as_bytes());
             }
@@ -108,6 +180,7 @@ mod tests {
             compression: Compression::Gzip,
             level: None,
             mtime: 0,
+            threads: 2,
         }
     }
 

@@ -186,6 +186,7 @@ impl StageState {
             compression: opts.compression,
             level: opts.compression_level,
             mtime,
+            threads: opts.threads,
         };
         let key = {
             let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());

@@ -46,18 +46,20 @@ pub enum TransferError {
     Unreachable(Digest),
 }
 
-/// A [`BlobSink`] that streams into a store temp file, committed only when the download
-/// verified.
+/// A [`BlobSink`] that streams blob `digest` into a store temp file, committed only when the
+/// download verified. The client hashes while it streams, so the store does not hash again.
 pub struct StoreSink {
     store: Store,
+    digest: Digest,
     writer: Option<BlobWriter>,
 }
 
 impl StoreSink {
-    /// A sink writing into `store`.
-    pub fn new(store: &Store) -> StoreSink {
+    /// A sink writing blob `digest` into `store`.
+    pub fn new(store: &Store, digest: Digest) -> StoreSink {
         StoreSink {
             store: store.clone(),
+            digest,
             writer: None,
         }
     }
@@ -82,10 +84,14 @@ impl BlobSink for StoreSink {
             .write_all(bytes)
     }
     fn reset(&mut self) -> std::io::Result<()> {
-        self.writer = Some(self.store.blob_writer().map_err(|e| match e {
-            StoreError::Io(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        })?);
+        self.writer = Some(
+            self.store
+                .verified_blob_writer(self.digest)
+                .map_err(|e| match e {
+                    StoreError::Io(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                })?,
+        );
         Ok(())
     }
     fn discard(&mut self) {
@@ -238,7 +244,7 @@ pub async fn ensure_blobs(
         })?;
         let (client, store, d) = (client.clone(), store.clone(), d.clone());
         tasks.spawn(async move {
-            let mut sink = StoreSink::new(&store);
+            let mut sink = StoreSink::new(&store, d.digest);
             client.fetch_blob(&repo, &d, &mut sink).await?;
             sink.commit(d.digest)?;
             Ok::<(), TransferError>(())

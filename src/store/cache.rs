@@ -132,6 +132,42 @@ impl StatCache {
         Ok(())
     }
 
+    /// The cached digest of `path` if its stat data `md` is unchanged.
+    pub fn lookup(&self, path: &Path, md: &std::fs::Metadata) -> Option<Digest> {
+        self.entries
+            .get(path)
+            .filter(|e| e.matches(md))
+            .map(|e| e.digest)
+    }
+
+    /// Remember `digest` for `path` with stat data `md` (hashed by the caller).
+    pub fn insert(&mut self, path: &Path, md: &std::fs::Metadata, digest: Digest) {
+        self.hashed += 1;
+        self.dirty = true;
+        let recent = md
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age.as_secs() < 2);
+        if recent {
+            self.entries.remove(path);
+            return;
+        }
+        self.entries.insert(
+            path.to_path_buf(),
+            StatEntry {
+                size: md.len(),
+                mtime: md.mtime(),
+                mtime_ns: md.mtime_nsec(),
+                ctime: md.ctime(),
+                ctime_ns: md.ctime_nsec(),
+                ino: md.ino(),
+                dev: md.dev(),
+                digest,
+            },
+        );
+    }
+
     /// The sha256 of the file at `path`, from the cache when its stat data is unchanged.
     /// A file modified less than a second ago is hashed but not remembered (its mtime may
     /// not change on the next write: git's "racy" rule).

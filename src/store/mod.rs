@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use fs_err as fs;
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Digest, DigestError, HashingWriter, VerifyingReader};
+use crate::digest::{Digest, DigestError, VerifyingReader};
 use crate::image::{Image, ImageError, ManifestView};
 use crate::media::{Descriptor, MediaType};
 
@@ -169,25 +169,44 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// A blob being written: a temp file inside the store, hashed as it is written.
+/// A blob being written: a temp file inside the store, hashed as it is written (unless the
+/// writer was made for a stream its producer already verifies, see
+/// [`Store::verified_blob_writer`]).
 pub struct BlobWriter {
     store: Store,
-    inner: HashingWriter<io::BufWriter<tempfile::NamedTempFile>>,
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: Option<crate::digest::Hasher>,
+    len: u64,
+    vouched: Option<Digest>,
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
+        let n = self.file.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        self.len += n as u64;
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.file.flush()
     }
 }
 
 impl BlobWriter {
     /// Finish: fsync, then rename to its digest's path. With `expected`, refuse other content.
     pub fn commit(self, expected: Option<Digest>) -> Result<(Digest, u64), StoreError> {
-        let (digest, size, buf) = self.inner.finish();
+        let size = self.len;
+        let digest = match (self.hasher, self.vouched) {
+            (Some(h), _) => h.finish(),
+            (None, Some(d)) => d,
+            (None, None) => {
+                return Err(StoreError::Corrupt(
+                    "an unhashed blob writer needs the digest its producer verified".into(),
+                ));
+            }
+        };
         if let Some(e) = expected
             && e != digest
         {
@@ -197,6 +216,7 @@ impl BlobWriter {
             }
             .into());
         }
+        let buf = self.file;
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
         let dest = self.store.blob_path(&digest);
         if dest.exists() {
@@ -282,8 +302,21 @@ impl Store {
             .tempfile_in(self.root.join("tmp"))?;
         Ok(BlobWriter {
             store: self.clone(),
-            inner: HashingWriter::new(io::BufWriter::with_capacity(1 << 20, tmp)),
+            file: io::BufWriter::with_capacity(1 << 20, tmp),
+            hasher: Some(crate::digest::Hasher::new()),
+            len: 0,
+            vouched: None,
         })
+    }
+
+    /// Start writing the blob `digest` from a stream whose producer verifies size and digest
+    /// itself before the caller commits (the registry client's `fetch_blob` does, while it
+    /// streams): the bytes are not hashed a second time.
+    pub fn verified_blob_writer(&self, digest: Digest) -> Result<BlobWriter, StoreError> {
+        let mut w = self.blob_writer()?;
+        w.hasher = None;
+        w.vouched = Some(digest);
+        Ok(w)
     }
 
     /// Store bytes, returning their digest.
