@@ -21,6 +21,7 @@ use std::time::Duration;
 mod child;
 mod copy;
 mod idmap;
+mod plan;
 mod run;
 mod unpack;
 mod upper;

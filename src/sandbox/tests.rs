@@ -177,11 +177,23 @@ fn user_and_group_own_created_files() {
         eprintln!("!!! SKIPPED: {e}");
         return;
     }
-    let (outcome, entries) = fx.run(&spec);
-    assert!(outcome.success(), "{}", output(&outcome));
-    assert_eq!(output(&outcome), "1000\n3000\n3000 4000\n");
-    let e = &entries["tmp/logtelemetry"];
-    assert_eq!((e.uid, e.gid, e.mode), (1000, 3000, 0o755));
+    for kind in [None, Some(RootfsKind::FuseOverlay), Some(RootfsKind::Copy)] {
+        if kind == Some(RootfsKind::FuseOverlay) && find_program("fuse-overlayfs").is_none() {
+            continue;
+        }
+        let fx = Fixture::new();
+        let mut spec = RunSpec {
+            rootfs: kind,
+            ..spec.clone()
+        };
+        (spec.upper, spec.work, spec.lower) =
+            (fx.upper.clone(), fx.work.clone(), vec![fx.base.clone()]);
+        let (outcome, entries) = fx.run(&spec);
+        assert!(outcome.success(), "{kind:?}: {}", output(&outcome));
+        assert_eq!(output(&outcome), "1000\n3000\n3000 4000\n");
+        let e = &entries["tmp/logtelemetry"];
+        assert_eq!((e.uid, e.gid, e.mode), (1000, 3000, 0o755), "{kind:?}");
+    }
 }
 
 #[test]
@@ -231,6 +243,22 @@ fn network_none_has_only_loopback() {
         .filter_map(|l| l.split(':').next().map(|s| s.trim().to_owned()))
         .collect();
     assert_eq!(ifaces, ["lo"]);
+}
+
+#[test]
+fn host_network_sees_host_resolver_files_read_only() {
+    let fx = Fixture::new();
+    let spec = fx.spec("cat /etc/hosts; echo x >> /etc/hosts || echo refused; hostname 2>/dev/null; cat /proc/1/cmdline; echo");
+    let (outcome, entries) = fx.run(&spec);
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap();
+    let out = output(&outcome);
+    assert!(out.starts_with(&hosts) && out.contains("refused"), "{out}");
+    // pid 1 is the sandbox's own init (a fork of the caller), not the host's.
+    assert!(
+        !out.contains("systemd") && !out.contains("/sbin/init"),
+        "{out}"
+    );
+    assert!(entries.is_empty(), "{:?}", entries.keys());
 }
 
 #[test]
@@ -614,4 +642,46 @@ fn unprivileged_user_can_run() {
     }
     assert!(report.starts_with("ok"), "{report}");
     eprintln!("unprivileged run: {report}");
+}
+
+#[test]
+fn subordinate_ranges_and_id_conversion() {
+    let text = "alice:100000:65536\n1001:200000:65536\nbob:300000:0\n";
+    assert_eq!(
+        idmap::parse_subordinate(text, 1000, Some("alice")),
+        Some((100000, 65536))
+    );
+    assert_eq!(
+        idmap::parse_subordinate(text, 1001, None),
+        Some((200000, 65536))
+    );
+    assert_eq!(idmap::parse_subordinate(text, 1002, Some("bob")), None);
+    let map = IdMap {
+        uids: vec![
+            IdRange {
+                inside: 0,
+                outside: 1000,
+                count: 1,
+            },
+            IdRange {
+                inside: 1,
+                outside: 100000,
+                count: 65536,
+            },
+        ],
+        gids: vec![IdRange {
+            inside: 0,
+            outside: 1000,
+            count: 1,
+        }],
+    };
+    assert_eq!(map.uid_to_container(1000), Some(0));
+    assert_eq!(map.uid_to_container(100999), Some(1000));
+    assert_eq!(map.uid_to_host(1000), Some(100999));
+    assert_eq!(map.gid_to_container(0), None);
+    let e = map.check_user(1000, 3000, &[]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "gid 3000 is not mapped in the user namespace (only 0); add a range for this user to /etc/subgid"
+    );
 }
