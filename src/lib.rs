@@ -16,6 +16,7 @@ pub mod layer;
 pub mod media;
 pub mod recipe;
 pub mod registry;
+pub mod sandbox;
 pub mod source;
 pub mod store;
 
