@@ -30,6 +30,9 @@ pub enum Error {
     /// A pull, push or copy failed.
     #[error(transparent)]
     Transfer(#[from] crate::registry::TransferError),
+    /// A sandboxed step could not run.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// A layer recipe is malformed.
     #[error(transparent)]
     Recipe(#[from] crate::recipe::RecipeError),
