@@ -53,7 +53,7 @@ pub struct BuildArgs {
     /// Layer compression.
     #[arg(long, default_value = "gzip", value_parser = ["gzip", "zstd", "uncompressed"])]
     compression: String,
-    /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3).
+    /// Compression level (gzip 0-9, default 1 as in ko/crane; zstd 1-22, default 3).
     #[arg(long = "compression-level")]
     compression_level: Option<i32>,
     /// Timestamp for every file and date in the image: seconds since 1970, or `commit` for

@@ -19,7 +19,7 @@ mod tree;
 
 pub use entry::{Entry, EntryKind, FileSource, Opener};
 pub use read::{ArchiveFormat, detect_format, is_archive, is_archive_reader, open_decompressed};
-pub use tar::{LayerStats, LayerWriter};
+pub use tar::{DEFAULT_GZIP_LEVEL, LayerStats, LayerWriter};
 pub use tree::{FsTree, Node, NodeKind, SpecialKind, User};
 
 /// Errors from writing, reading and applying layers.
