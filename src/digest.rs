@@ -207,7 +207,9 @@ impl Hasher {
 /// Hash everything `r` yields: its digest and length.
 pub fn digest_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
     let mut h = Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
+    // On the stack: this runs once per file of a context, and a fresh heap buffer per call
+    // showed up in profiles as page-zeroing.
+    let mut buf = [0u8; 1 << 16];
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
@@ -256,6 +258,61 @@ impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A writer that passes everything through to `inner` while a second thread hashes it, so
+/// hashing overlaps with whatever `inner` does (compressing, writing). Chunks travel over a
+/// bounded channel: memory stays bounded.
+pub struct ThreadedHashingWriter<W> {
+    inner: W,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<Hasher>>,
+}
+
+impl<W: Write> ThreadedHashingWriter<W> {
+    /// Wrap `inner`.
+    pub fn new(inner: W) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let worker = std::thread::spawn(move || {
+            let mut h = Hasher::new();
+            for chunk in rx {
+                h.update(&chunk);
+            }
+            h
+        });
+        ThreadedHashingWriter {
+            inner,
+            tx: Some(tx),
+            worker: Some(worker),
+        }
+    }
+
+    /// The digest and size of what was written, and the inner writer.
+    pub fn finish(mut self) -> io::Result<(Digest, u64, W)> {
+        self.tx = None;
+        let h = self
+            .worker
+            .take()
+            .expect("the hashing thread runs until finish")
+            .join()
+            .map_err(|_| io::Error::other("hashing thread panicked"))?;
+        let len = h.len();
+        Ok((h.finish(), len, self.inner))
+    }
+}
+
+impl<W: Write> Write for ThreadedHashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(tx) = &self.tx {
+            tx.send(buf[..n].to_vec())
+                .map_err(|_| io::Error::other("hashing thread stopped"))?;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

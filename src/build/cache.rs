@@ -18,7 +18,7 @@ use crate::media::Compression;
 use crate::store::StatCache;
 
 /// Bump when the layer writer's output for the same entries changes.
-const FORMAT: &str = "strata-layer-cache-v1";
+const FORMAT: &str = "strata-layer-cache-v2";
 
 /// The writer settings that shape a layer's bytes (and the threads to hash with, which do
 /// not).
@@ -73,10 +73,7 @@ fn file_digests<'a>(
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some((p, _)) = todo.get(i) else { break };
                         let f = fs_err::File::open(p)?;
-                        out.push((
-                            i,
-                            digest_reader(std::io::BufReader::with_capacity(1 << 18, f))?.0,
-                        ));
+                        out.push((i, digest_reader(f)?.0));
                     }
                     Ok(out)
                 })
@@ -119,7 +116,13 @@ pub(crate) fn layer_key(
     let mut h = Hasher::new();
     field(&mut h, FORMAT.as_bytes());
     field(&mut h, settings.compression.name().as_bytes());
-    field(&mut h, format!("{:?}", settings.level).as_bytes());
+    // The effective level, so a change of default never reuses layers made with another.
+    let level = settings.level.unwrap_or(match settings.compression {
+        Compression::Gzip => crate::layer::DEFAULT_GZIP_LEVEL,
+        Compression::Zstd => 3,
+        Compression::None => 0,
+    });
+    field(&mut h, &level.to_le_bytes());
     field(&mut h, &settings.mtime.to_le_bytes());
     let mut sorted: Vec<&Entry> = entries.iter().collect();
     sorted.sort_by(|a, b| {

@@ -68,6 +68,8 @@ impl<W: Write> ParGzEncoder<W> {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
                 thread::spawn(move || {
+                    // A fresh deflate state per block: a reset state was measured to give other
+                    // bytes than a fresh one (zlib-rs), which would tie output to scheduling.
                     loop {
                         let job = job_rx.lock().ok().and_then(|rx| rx.recv().ok());
                         let Some((seq, dict, block)) = job else {

@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use fs_err::os::unix::fs::OpenOptionsExt;
 
-use crate::digest::{Digest, HashingWriter};
+use crate::digest::{Digest, ThreadedHashingWriter};
 use crate::media::Compression;
 
 use super::entry::check_path;
@@ -134,7 +134,9 @@ impl LayerWriter {
             }
         }
 
-        let mut tar = BufWriter::with_capacity(64 * 1024, HashingWriter::new(encoder));
+        // The diff_id is hashed on its own thread while this one builds the tar and feeds
+        // the compressor.
+        let mut tar = BufWriter::with_capacity(256 * 1024, ThreadedHashingWriter::new(encoder));
         for (i, e) in entries.iter().enumerate() {
             let link_to = match e.kind {
                 EntryKind::File {
@@ -150,7 +152,7 @@ impl LayerWriter {
         // End of archive: two zero blocks.
         tar.write_all(&[0; 2 * BLOCK])?;
         let hashing = tar.into_inner().map_err(|e| e.into_error())?;
-        let (diff_id, uncompressed_size, encoder) = hashing.finish();
+        let (diff_id, uncompressed_size, encoder) = hashing.finish()?;
         let out = encoder.finish()?;
         Ok((
             LayerStats {
@@ -190,6 +192,10 @@ impl LayerWriter {
                 let mut z = zstd::stream::write::Encoder::new(out, level)?;
                 z.include_checksum(true)?;
                 z.multithread(self.threads)?;
+                // Fixed 1 MiB jobs (zstd's default grows with the window to several MiB, too
+                // coarse to keep two workers busy on a layer of tens of MB). Job boundaries are a
+                // function of the input only, so the bytes still do not depend on `threads`.
+                z.set_parameter(zstd::zstd_safe::CParameter::JobSize(1 << 20))?;
                 Ok(Encoder::Zstd(z))
             }
         }

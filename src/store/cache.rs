@@ -178,8 +178,7 @@ impl StatCache {
         {
             return Ok(e.digest);
         }
-        let (digest, _) =
-            digest_reader(io::BufReader::with_capacity(1 << 20, fs::File::open(path)?))?;
+        let (digest, _) = digest_reader(fs::File::open(path)?)?;
         self.hashed += 1;
         let recent = md
             .modified()
