@@ -103,8 +103,14 @@ printf 'FROM scratch\nCOPY blob.bin /data/blob.bin\n' >"$B/big/Dockerfile"
 RUN=$(mktemp -d "$B/run.XXXXXX")
 REG_PID=
 cleanup() {
-    [[ -n $REG_PID ]] && kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null
+    # Keep the script's own exit status: the killed registry's (143) is not ours.
+    local rc=$?
+    if [[ -n $REG_PID ]]; then
+        kill "$REG_PID" 2>/dev/null
+        wait "$REG_PID" 2>/dev/null || true
+    fi
     rm -rf "$RUN"
+    exit "$rc"
 }
 trap cleanup EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
