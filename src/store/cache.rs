@@ -173,34 +173,11 @@ impl StatCache {
     /// not change on the next write: git's "racy" rule).
     pub fn digest(&mut self, path: &Path) -> io::Result<Digest> {
         let md = fs::symlink_metadata(path)?;
-        if let Some(e) = self.entries.get(path)
-            && e.matches(&md)
-        {
-            return Ok(e.digest);
+        if let Some(d) = self.lookup(path, &md) {
+            return Ok(d);
         }
         let (digest, _) = digest_reader(fs::File::open(path)?)?;
-        self.hashed += 1;
-        let recent = md
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_none_or(|age| age.as_secs() < 2);
-        let entry = StatEntry {
-            size: md.len(),
-            mtime: md.mtime(),
-            mtime_ns: md.mtime_nsec(),
-            ctime: md.ctime(),
-            ctime_ns: md.ctime_nsec(),
-            ino: md.ino(),
-            dev: md.dev(),
-            digest,
-        };
-        if recent {
-            self.entries.remove(path);
-        } else {
-            self.entries.insert(path.to_path_buf(), entry);
-        }
-        self.dirty = true;
+        self.insert(path, &md, digest);
         Ok(digest)
     }
 }
