@@ -10,6 +10,7 @@
 mod cache;
 mod copy;
 mod recipe;
+mod run;
 mod stage;
 
 pub use recipe::build_recipe;

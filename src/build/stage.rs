@@ -164,7 +164,7 @@ impl StageState {
         self.args.get(key).cloned().flatten()
     }
 
-    fn workdir(&self) -> String {
+    pub(super) fn workdir(&self) -> String {
         self.config
             .config()
             .working_dir()
@@ -193,6 +193,52 @@ impl StageState {
             super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
                 .map_err(StoreError::Io)?
         };
+        self.add_layer_keyed(ctx, entries, created_by, key)
+    }
+
+    /// Append the layer cached under `key` (a RUN hit): nothing is written or executed.
+    pub(super) fn push_cached(
+        &mut self,
+        ctx: &Ctx,
+        key: crate::digest::Digest,
+        hit: crate::store::CachedLayer,
+        created_by: &str,
+    ) -> Result<Descriptor, BuildError> {
+        ctx.cache_hits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key, hit.clone()));
+        self.config.push_layer(
+            hit.diff_id,
+            history(created_by, ctx.opts.source_date_epoch, false),
+        );
+        self.layers.push(Layer {
+            descriptor: hit.descriptor.clone(),
+            diff_id: hit.diff_id,
+        });
+        // The view is rebuilt from the stored blob when a later step needs it.
+        self.sources.push(LayerSource::Store);
+        self.tree = None;
+        Ok(hit.descriptor)
+    }
+
+    /// The SHELL for shell-form commands.
+    pub(super) fn shell_argv(&self) -> Vec<String> {
+        self.shell.clone()
+    }
+
+    /// Write `entries` as a new layer under cache key `key` (or reuse the cached one).
+    pub(super) fn add_layer_keyed(
+        &mut self,
+        ctx: &Ctx,
+        entries: Vec<Entry>,
+        created_by: &str,
+        key: crate::digest::Digest,
+    ) -> Result<Descriptor, BuildError> {
+        let opts = ctx.opts;
+        let mtime = u64::try_from(opts.source_date_epoch).unwrap_or(0);
         let use_cache = !opts.no_cache && !opts.no_cache_filter.contains(&self.name);
         let (layer, cached) = match use_cache.then(|| ctx.store.cache_get(&key)).flatten() {
             Some(hit) => (
@@ -437,10 +483,30 @@ fn dispatch(
     };
     match &step.instruction {
         Instruction::From { .. } => unreachable!("FROM starts a stage"),
-        Instruction::Run(_) => Err(err(
-            "RUN is not supported yet (it comes with the rootless sandbox); no image was tagged"
-                .to_string(),
-        )),
+        Instruction::Run(run) => {
+            // ARG values reach RUN's environment (not the image config); ENV wins.
+            let mut env: Vec<(String, String)> = st
+                .args
+                .iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+                .filter(|(k, _)| !st.config.env().iter().any(|(e, _)| e == k))
+                .collect();
+            env.extend(st.config.env());
+            if !env.iter().any(|(k, _)| k == "PATH") {
+                env.push((
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                ));
+            }
+            let user = current_user_ids(ctx, st).map_err(&err)?;
+            let user = (
+                u32::try_from(user.0).map_err(|_| err("uid out of range".into()))?,
+                u32::try_from(user.1).map_err(|_| err("gid out of range".into()))?,
+            );
+            let created_by = format!("{} # strata", one_line(&node.original));
+            let d = super::run::run_step(ctx, st, run, &created_by, env, user).map_err(err)?;
+            Ok(Some(d))
+        }
         Instruction::Arg(args) => {
             let mut shown = Vec::new();
             for (name, default) in args {

@@ -17,4 +17,5 @@ mod push_pull;
 mod registry;
 mod relay_copy;
 mod reproducible;
+mod run;
 mod store;

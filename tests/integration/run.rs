@@ -1,0 +1,101 @@
+//! RUN in the rootless sandbox, on a tiny base made from Debian's busybox-static: the Altinn
+//! final stage's user creation and `mkdir` as the new user, a deleted base file, ARG values in
+//! the environment, failures located at their line, and cache hits that execute nothing.
+
+use crate::common::*;
+
+/// A base image with busybox, /etc/passwd, /etc/group and a file to delete, tagged `busybase`.
+fn busybox_base(env: &Env) {
+    let busybox = tool("busybox", "busybox-static");
+    let ctx = env.path("base");
+    let root = ctx.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for c in [
+        "sh", "mkdir", "rm", "echo", "cat", "id", "chmod", "ls", "touch", "sleep",
+    ] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
+    }
+    write(&root, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n");
+    write(&root, "etc/group", b"root:x:0:\n");
+    write(&root, "etc/removed", b"delete me\n");
+    write(&root, "opt/tree/a", b"a\n");
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    write(&ctx, "Dockerfile", b"FROM scratch\nCOPY rootfs/ /\n");
+    env.build(&ctx, &["-t", "busybase"]);
+}
+
+fn run_ctx(env: &Env, dockerfile: &str) -> std::path::PathBuf {
+    let ctx = env.path("app");
+    write(&ctx, "Dockerfile", dockerfile.as_bytes());
+    ctx
+}
+
+#[test]
+fn the_altinn_final_stage_runs_rootless() {
+    let env = Env::new();
+    busybox_base(&env);
+    let ctx = run_ctx(
+        &env,
+        "FROM busybase\nARG GREETING=hello\nRUN chmod 1777 /tmp && echo \"$GREETING\" > /greeting && rm /etc/removed && rm -r /opt/tree\nRUN echo 'dotnet:x:3000:' >> /etc/group && echo 'dotnet:x:1000:3000::/home:/bin/false' >> /etc/passwd\nUSER dotnet\nRUN mkdir /tmp/logtelemetry && id > /tmp/logtelemetry/id\n",
+    );
+    env.build(&ctx, &["-t", "runapp", "--build-arg", "GREETING=bonjour"]);
+    env.fsck();
+    let tree = env.unpack("runapp", "runapp");
+    assert_eq!(tree["greeting"].0, Obj::File(b"bonjour\n".to_vec()));
+    assert!(!tree.contains_key("etc/removed"), "whiteout not applied");
+    assert!(!tree.contains_key("opt/tree"), "deleted directory survived");
+    assert!(!tree.contains_key("opt/tree/a"));
+    let passwd = match &tree["etc/passwd"].0 {
+        Obj::File(b) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(passwd.contains("dotnet:x:1000:3000"), "{passwd}");
+    let (obj, mode, uid, gid) = &tree["tmp/logtelemetry"];
+    assert_eq!(*obj, Obj::Dir);
+    assert_eq!(*mode, 0o755);
+    if is_root() {
+        assert_eq!((*uid, *gid), (1000, 3000));
+    }
+    assert_eq!(tree["tmp"].1, 0o1777);
+    let id = match &tree["tmp/logtelemetry/id"].0 {
+        Obj::File(b) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert!(id.contains("uid=1000(dotnet) gid=3000(dotnet)"), "{id}");
+    let user = env.ok(&["inspect", "runapp", "--format", ".Config.config.User"]);
+    assert_eq!(user.trim(), "dotnet");
+    // ARG values are for RUN only: not in the config.
+    let cfg = env.ok(&["inspect", "runapp", "--format", ".Config.config"]);
+    assert!(!cfg.contains("GREETING"), "{cfg}");
+
+    // Same inputs: every RUN is a cache hit, nothing executes, same digest.
+    let out = env
+        .cmd()
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            "GREETING=bonjour",
+        ])
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("CACHED").count(), 3, "{stderr}");
+}
+
+#[test]
+fn a_failing_run_shows_its_output_and_tags_nothing() {
+    let env = Env::new();
+    busybox_base(&env);
+    let ctx = run_ctx(&env, "FROM busybase\nRUN echo about to fail && ls /nope\n");
+    let err = env.fail(&["build", "-t", "broken", ctx.to_str().unwrap()], 1);
+    assert!(err.contains("Dockerfile:2:1"), "{err}");
+    assert!(err.contains("about to fail"), "{err}");
+    assert!(err.contains("nope"), "{err}");
+    assert!(!env.names().contains(&"broken:latest".to_string()));
+    env.fsck();
+}
