@@ -169,6 +169,32 @@ pub(crate) struct Fetch<'a> {
     pub remote: Option<&'a Remote>,
 }
 
+impl Fetch<'_> {
+    /// Fetch the layers of `layers` the store lacks from the registries they live in (lazy
+    /// bases); an error when there is no registry client.
+    pub(crate) fn fetch_missing(&self, layers: &[crate::image::Layer]) -> Result<(), BuildError> {
+        let missing: Vec<Descriptor> = layers
+            .iter()
+            .filter(|l| !self.store.has_blob(&l.descriptor.digest))
+            .map(|l| l.descriptor.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let remote = self.remote.ok_or_else(|| {
+            BuildError::Invalid(
+                "base layers live in a registry, but no registry client is configured".into(),
+            )
+        })?;
+        remote.handle.block_on(crate::registry::ensure_blobs(
+            &remote.client,
+            self.store,
+            &missing,
+        ))?;
+        Ok(())
+    }
+}
+
 /// Shared state of one build.
 pub(crate) struct Ctx<'a> {
     pub store: &'a Store,

@@ -90,26 +90,9 @@ pub(super) fn run_step(
     }
 
     // A merged snapshot of the stage as the lower, then the command on top.
-    let fetch = ctx.fetch();
-    let missing: Vec<Descriptor> = st
-        .layers
-        .iter()
-        .filter(|l| !ctx.store.has_blob(&l.descriptor.digest))
-        .map(|l| l.descriptor.clone())
-        .collect();
-    if !missing.is_empty() {
-        let remote = fetch
-            .remote
-            .ok_or("base layers live in a registry, but no registry client is configured")?;
-        remote
-            .handle
-            .block_on(crate::registry::ensure_blobs(
-                &remote.client,
-                ctx.store,
-                &missing,
-            ))
-            .map_err(|e| e.to_string())?;
-    }
+    ctx.fetch()
+        .fetch_missing(&st.layers)
+        .map_err(|e| e.to_string())?;
     let dir = tempfile::Builder::new()
         .prefix("run-")
         .tempdir_in(ctx.work.path())

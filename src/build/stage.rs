@@ -103,26 +103,16 @@ impl StageState {
             return Ok(());
         }
         let (store, work) = (f.store, f.work);
-        let missing: Vec<Descriptor> = self
-            .layers
-            .iter()
-            .zip(&self.sources)
-            .filter(|(l, s)| {
-                matches!(s, LayerSource::Store) && !store.has_blob(&l.descriptor.digest)
-            })
-            .map(|(l, _)| l.descriptor.clone())
-            .collect();
-        if content && !missing.is_empty() {
-            let remote = f.remote.ok_or_else(|| {
-                BuildError::Invalid(
-                    "base layers live in a registry, but no registry client is configured".into(),
-                )
-            })?;
-            remote.handle.block_on(crate::registry::ensure_blobs(
-                &remote.client,
-                store,
-                &missing,
-            ))?;
+        if content {
+            // Only base layers can be missing: this build's own layers are in the store.
+            let base: Vec<Layer> = self
+                .layers
+                .iter()
+                .zip(&self.sources)
+                .filter(|(_, s)| matches!(s, LayerSource::Store))
+                .map(|(l, _)| l.clone())
+                .collect();
+            f.fetch_missing(&base)?;
         }
         let spool = if content {
             let dir = tempfile::Builder::new()
