@@ -292,6 +292,16 @@ impl<W: Write> ThreadedHashingWriter<W> {
         }
     }
 
+    /// The inner writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The inner writer, mutably (what is written to it directly is not hashed).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
     /// The digest and size of what was written, and the inner writer.
     pub fn finish(mut self) -> io::Result<(Digest, u64, W)> {
         self.tx = None;
