@@ -8,7 +8,7 @@
 //! OCI layer spec <https://github.com/opencontainers/image-spec/blob/main/layer.md>.
 
 use std::collections::HashMap;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 
 use fs_err::os::unix::fs::OpenOptionsExt;
@@ -166,7 +166,7 @@ impl LayerWriter {
 
         // The diff_id is hashed on its own thread while this one builds the tar and feeds
         // the compressor.
-        let mut tar = BufWriter::with_capacity(256 * 1024, ThreadedHashingWriter::new(encoder));
+        let mut tar = ThreadedHashingWriter::new(encoder);
         for (i, e) in entries.iter().enumerate() {
             let link_to = match e.kind {
                 EntryKind::File {
@@ -182,8 +182,7 @@ impl LayerWriter {
         }
         // End of archive: two zero blocks.
         tar.write_all(&[0; 2 * BLOCK])?;
-        let hashing = tar.into_inner().map_err(|e| e.into_error())?;
-        let (diff_id, uncompressed_size, encoder) = hashing.finish()?;
+        let (diff_id, uncompressed_size, encoder) = tar.finish()?;
         let (out, records) = encoder.finish()?;
         Ok((
             LayerStats {
@@ -293,30 +292,36 @@ fn padding(size: u64) -> usize {
     ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
 }
 
-/// Where tar bytes go: a writer that can also be told where a compressed block may end.
+/// Where tar bytes go: a writer that can also copy from a reader without an intermediate
+/// buffer and be told where a compressed block may end.
 trait Sink: Write {
     /// A possible gzip block boundary (see [`ParGzEncoder::cut`]); a no-op for other
     /// compressions.
     fn cut(&mut self, force: bool) -> io::Result<()>;
+    /// Copy up to `n` bytes from `r`; returns how many were copied.
+    fn copy_from(&mut self, r: &mut dyn Read, n: u64) -> io::Result<u64>;
 }
 
-impl<W: Write> Sink for BufWriter<ThreadedHashingWriter<Encoder<W>>> {
+impl<W: Write> Sink for ThreadedHashingWriter<Encoder<W>> {
     fn cut(&mut self, force: bool) -> io::Result<()> {
-        if !matches!(self.get_ref().get_ref(), Encoder::Gzip(_)) {
+        if !matches!(self.get_ref(), Encoder::Gzip(_)) {
             return Ok(());
         }
-        // Hand the buffered bytes down (flush does not cut: the encoders ignore it), then cut.
-        self.flush()?;
-        match self.get_mut().get_mut() {
+        // Hand the buffered bytes down, then cut.
+        self.spill()?;
+        match self.get_mut() {
             Encoder::Gzip(g) => g.cut(force),
             _ => Ok(()),
         }
+    }
+    fn copy_from(&mut self, mut r: &mut dyn Read, n: u64) -> io::Result<u64> {
+        self.read_from(&mut r, n)
     }
 }
 
 /// Copy `size` bytes from `r` in steps of one gzip block, with a forced cut between steps:
 /// the blocks inside a file's data then sit at offsets relative to the file, not the stream.
-fn copy_cut(r: &mut impl Read, w: &mut impl Sink, size: u64) -> io::Result<u64> {
+fn copy_cut(r: &mut dyn Read, w: &mut impl Sink, size: u64) -> io::Result<u64> {
     let step = super::pgzip::BLOCK as u64;
     let mut copied = 0;
     while copied < size {
@@ -324,7 +329,7 @@ fn copy_cut(r: &mut impl Read, w: &mut impl Sink, size: u64) -> io::Result<u64> 
             w.cut(true)?;
         }
         let want = step.min(size - copied);
-        let n = io::copy(&mut r.take(want), w)?;
+        let n = w.copy_from(r, want)?;
         copied += n;
         if n < want {
             break;
