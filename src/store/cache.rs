@@ -21,7 +21,7 @@ use std::time::SystemTime;
 use fs_err as fs;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, write_atomic};
+use super::{Store, StoreError, write_hint};
 use crate::digest::{Digest, digest_reader};
 use crate::layer::{BlockRecord, ReuseSource};
 use crate::media::Descriptor;
@@ -92,8 +92,8 @@ impl Store {
         for dir in ["cache/blocks", "cache/slots"] {
             fs::create_dir_all(self.root().join(dir))?;
         }
-        write_atomic(&self.blocks_path(blob), &bytes)?;
-        write_atomic(
+        write_hint(&self.blocks_path(blob), &bytes)?;
+        write_hint(
             &self.slot_path(slot),
             format!("{}\n", blob.hex()).as_bytes(),
         )?;
@@ -153,7 +153,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        write_atomic(
+        write_hint(
             &path,
             &serde_json::to_vec(layer).expect("cache entry serialises"),
         )?;
@@ -221,7 +221,7 @@ impl StatCache {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        write_atomic(
+        write_hint(
             &path,
             &serde_json::to_vec(&self.entries).expect("stat cache serialises"),
         )?;
