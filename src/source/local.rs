@@ -193,6 +193,34 @@ pub fn normalize_context_path(path: &str) -> Result<String, SourceError> {
     Ok(parts.join("/"))
 }
 
+/// Whether the mode bits let this process read a file (root reads everything). ACLs are not
+/// consulted: a `false` is double-checked by opening the file.
+fn may_read(meta: &std::fs::Metadata) -> bool {
+    static IDS: std::sync::OnceLock<(u32, u32, Vec<u32>)> = std::sync::OnceLock::new();
+    let (uid, gid, groups) = IDS.get_or_init(|| {
+        // SAFETY: plain syscalls without memory arguments, or filling a buffer of the length
+        // passed (getgroups with the count it reported).
+        unsafe {
+            let n = libc::getgroups(0, std::ptr::null_mut());
+            let mut groups = vec![0; usize::try_from(n).unwrap_or(0)];
+            let n = libc::getgroups(n.max(0), groups.as_mut_ptr());
+            groups.truncate(usize::try_from(n).unwrap_or(0));
+            (libc::geteuid(), libc::getegid(), groups)
+        }
+    });
+    let mode = meta.mode();
+    if *uid == 0 {
+        return true;
+    }
+    if meta.uid() == *uid {
+        return mode & 0o400 != 0;
+    }
+    if meta.gid() == *gid || groups.contains(&meta.gid()) {
+        return mode & 0o040 != 0;
+    }
+    mode & 0o004 != 0
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -437,32 +465,4 @@ mod tests {
         assert_ne!(link_key(1, 2), link_key(2, 2));
         assert_eq!(link_key(7, 9), link_key(7, 9));
     }
-}
-
-/// Whether the mode bits let this process read a file (root reads everything). ACLs are not
-/// consulted: a `false` is double-checked by opening the file.
-fn may_read(meta: &std::fs::Metadata) -> bool {
-    static IDS: std::sync::OnceLock<(u32, u32, Vec<u32>)> = std::sync::OnceLock::new();
-    let (uid, gid, groups) = IDS.get_or_init(|| {
-        // SAFETY: plain syscalls without memory arguments, or filling a buffer of the length
-        // passed (getgroups with the count it reported).
-        unsafe {
-            let n = libc::getgroups(0, std::ptr::null_mut());
-            let mut groups = vec![0; usize::try_from(n).unwrap_or(0)];
-            let n = libc::getgroups(n.max(0), groups.as_mut_ptr());
-            groups.truncate(usize::try_from(n).unwrap_or(0));
-            (libc::geteuid(), libc::getegid(), groups)
-        }
-    });
-    let mode = meta.mode();
-    if *uid == 0 {
-        return true;
-    }
-    if meta.uid() == *uid {
-        return mode & 0o400 != 0;
-    }
-    if meta.gid() == *gid || groups.contains(&meta.gid()) {
-        return mode & 0o040 != 0;
-    }
-    mode & 0o004 != 0
 }
