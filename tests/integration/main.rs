@@ -8,6 +8,7 @@ mod git_server;
 mod auth;
 mod build;
 mod cache;
+mod deploy;
 mod errors;
 mod faults;
 mod git_build;
