@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
-use crate::deploy_kube::{FakeKube, Scenario};
+use crate::deploy_kube::{FakeKube, Pki, Scenario};
 use crate::push_pull::{build, fails, skopeo_ok, strata};
 use crate::registry::Registry;
 
@@ -867,4 +867,58 @@ fn build_push_deploy_flux_chains_in_one_command() {
         2,
     );
     assert!(err.contains("--deploy-flux needs --push"), "{err}");
+}
+
+#[test]
+fn client_certificate_users_talk_tls_to_the_cluster() {
+    use base64::Engine as _;
+    let env = Env::new();
+    let pki = Pki::new();
+    let kube = FakeKube::start_tls(Scenario::Healthy, &pki);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let kc = kubeconfig(
+        &env,
+        "client-cert.yaml",
+        &[
+            ("@SERVER@", &kube.url()),
+            ("@CA@", &b64(&pki.ca_pem)),
+            ("@CERT@", &b64(&pki.client_pem)),
+            ("@KEY@", &b64(&pki.client_key_pem)),
+        ],
+    );
+    let app = format!(
+        "app=127.0.0.1:5000/ttd/app@{}",
+        &BUSYBOX[BUSYBOX.len() - 71..]
+    );
+    let busybox = format!("busybox={BUSYBOX}");
+    let mut args = apply_args(&kc, &app, &busybox);
+    args.extend(["--timeout", "30s"]);
+    let (code, stdout, stderr) = run(kstrata(&env).args(&args));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("default/deployment/ttd-app successfully rolled out"),
+        "{stdout}"
+    );
+    assert!(kube.requests().iter().any(|r| r.method == "PATCH"));
+
+    // The same cluster without a client certificate: the handshake is refused, and said so.
+    let no_cert = kubeconfig(
+        &env,
+        "client-cert.yaml",
+        &[("@SERVER@", &kube.url()), ("@CA@", &b64(&pki.ca_pem))],
+    );
+    let text = std::fs::read_to_string(&no_cert)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("client-"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n      token: none\n";
+    std::fs::write(&no_cert, text).unwrap();
+    let (code, _, stderr) = run(kstrata(&env).args(apply_args(&no_cert, &app, &busybox)));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("apply") || stderr.contains("find the API resource"),
+        "{stderr}"
+    );
 }

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -79,6 +79,7 @@ pub struct FakeKube {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    tls: bool,
 }
 
 impl FakeKube {
@@ -88,6 +89,20 @@ impl FakeKube {
 
     /// A server that answers 401 unless `Authorization: Bearer <token>`.
     pub fn start_with(scenario: Scenario, token: Option<&str>) -> FakeKube {
+        FakeKube::start_inner(scenario, token, None)
+    }
+
+    /// HTTPS with a server certificate from `pki`, requiring a client certificate it signed
+    /// (what a cluster does for `client-certificate-data` users).
+    pub fn start_tls(scenario: Scenario, pki: &Pki) -> FakeKube {
+        FakeKube::start_inner(scenario, None, Some(pki.server_config()))
+    }
+
+    fn start_inner(
+        scenario: Scenario,
+        token: Option<&str>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> FakeKube {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
         let addr = listener.local_addr().expect("local addr");
         listener
@@ -103,24 +118,42 @@ impl FakeKube {
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (Arc::clone(&state), Arc::clone(&stop));
+        let is_tls = tls.is_some();
         thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let s = Arc::clone(&s);
-                        let st = Arc::clone(&st);
-                        thread::spawn(move || serve(conn, &s, &st));
+                        let tls = tls.clone();
+                        let _ = conn.set_nonblocking(false);
+                        // A client that goes away ends its thread; none waits longer than this.
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                        thread::spawn(move || match tls {
+                            None => serve(conn, &s),
+                            Some(cfg) => {
+                                let Ok(server) = rustls::ServerConnection::new(cfg) else {
+                                    return;
+                                };
+                                serve(rustls::StreamOwned::new(server, conn), &s)
+                            }
+                        });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        FakeKube { addr, state, stop }
+        FakeKube {
+            addr,
+            state,
+            stop,
+            tls: is_tls,
+        }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -153,31 +186,14 @@ impl Drop for FakeKube {
     }
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
-    let mut conn = conn;
+fn serve<S: Read + Write>(conn: S, state: &Mutex<State>) {
+    let mut reader = BufReader::new(conn);
     loop {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
         let mut line = String::new();
         match reader.read_line(&mut line) {
-            Ok(0) => return,
+            Ok(0) | Err(_) => return,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(_) => return,
         }
-        let _ = reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(10)));
         let mut parts = line.split_whitespace();
         let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
             return;
@@ -205,9 +221,6 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let _ = reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_millis(200)));
         let (path, query) = match target.split_once('?') {
             Some((p, q)) => (p.to_string(), q.to_string()),
             None => (target.clone(), String::new()),
@@ -231,7 +244,11 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) {
             reason(status),
             text.len()
         );
-        if conn.write_all(head.as_bytes()).is_err() || conn.write_all(&text).is_err() {
+        let conn = reader.get_mut();
+        if conn.write_all(head.as_bytes()).is_err()
+            || conn.write_all(&text).is_err()
+            || conn.flush().is_err()
+        {
             return;
         }
     }
@@ -579,4 +596,77 @@ fn tick(s: &mut State, collection: &str, name: &str) {
             "unavailableReplicas": want})
         }
     };
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate (`CN=admin`, clientAuth),
+/// made with rcgen, as PEM.
+pub struct Pki {
+    pub ca_pem: String,
+    ca_der: Vec<u8>,
+    server_der: Vec<u8>,
+    server_key_der: Vec<u8>,
+    pub client_pem: String,
+    pub client_key_pem: String,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "fake kube CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let mut server =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("server params");
+        server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let server_cert = server.signed_by(&server_key, &issuer).expect("server cert");
+        let mut client =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("client params");
+        client
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "admin");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_key = rcgen::KeyPair::generate().expect("client key");
+        let client_cert = client.signed_by(&client_key, &issuer).expect("client cert");
+        Pki {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().to_vec(),
+            server_der: server_cert.der().to_vec(),
+            server_key_der: server_key.serialize_der(),
+            client_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
+        }
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca_der.clone()))
+            .expect("trust the CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .expect("client verifier");
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![CertificateDer::from(self.server_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_der.clone())),
+            )
+            .expect("server certificate");
+        Arc::new(config)
+    }
 }
