@@ -136,14 +136,20 @@ pub fn resolve_images(docs: &mut [Value], map: &ImageMap) -> Result<Vec<(String,
     Ok(done)
 }
 
-/// Documents as a YAML stream (`---` between documents), keys sorted.
+/// Documents as a YAML stream (`---` between documents), keys sorted. Long strings (image
+/// references, URLs) stay on one line rather than folded, so the output greps and diffs like
+/// kubectl's; strings with newlines become literal blocks.
 pub fn to_yaml(docs: &[Value]) -> String {
+    let mut options = serde_saphyr::SerializerOptions::default();
+    options.folded_wrap_chars = usize::MAX;
+    options.min_fold_chars = usize::MAX;
     let mut out = String::new();
     for d in docs {
         if !out.is_empty() {
             out.push_str("---\n");
         }
-        let text = serde_saphyr::to_string(d).expect("a JSON value serialises as YAML");
+        let text = serde_saphyr::to_string_with_options(d, options.clone())
+            .expect("a JSON value serialises as YAML");
         out.push_str(&text);
         if !out.ends_with('\n') {
             out.push('\n');
@@ -195,6 +201,10 @@ mod tests {
         let back = parse_manifests(&yaml, "out").unwrap();
         assert_eq!(back, docs);
         assert_eq!(describe(&docs[1]), "service/app");
+        assert!(
+            yaml.contains(&format!("image: r.example/app@{DIGEST}\n")),
+            "{yaml}"
+        );
     }
 
     #[test]
@@ -208,6 +218,12 @@ mod tests {
         assert!(e.to_string().contains("--image x=REF"), "{e}");
         assert!(parse_manifests("- a\n", "m").is_err());
         assert!(parse_manifests("a: 1\n", "m").is_err());
+        let text = to_yaml(&[serde_json::json!({"a": "x".repeat(200), "b": "l1\nl2\n"})]);
+        assert!(
+            text.contains(&format!("a: {}\n", "x".repeat(200))),
+            "{text}"
+        );
+        assert!(text.contains("b: |"), "{text}");
         let list = parse_manifests(
             "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}}\n",
             "m",
