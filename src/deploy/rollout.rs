@@ -188,8 +188,14 @@ pub async fn wait_for_rollout(
 }
 
 /// The pods of `d`'s current ReplicaSet (the one owned by `d` whose revision is `d`'s); none
-/// while the controller has not made it yet.
+/// while the controller has not observed `d`'s generation or made the ReplicaSet yet.
 async fn new_pods(client: &kube::Client, namespace: &str, d: &Deployment) -> Result<Vec<Pod>> {
+    // Until the controller has seen this generation, the revision annotation still names the
+    // previous ReplicaSet, whose crashing pods may be the very reason for this rollout.
+    let observed = d.status.as_ref().and_then(|s| s.observed_generation);
+    if observed < d.metadata.generation {
+        return Ok(Vec::new());
+    }
     let Some(revision) = d
         .metadata
         .annotations

@@ -559,6 +559,12 @@ fn failing_rollout(scenario: Scenario, extra: &[&str]) -> String {
 #[test]
 fn crash_looping_pods_fail_the_rollout_naming_pod_container_and_reason() {
     let err = failing_rollout(Scenario::CrashLoop, &[]);
+    // Pods are judged only once the controller observed the new generation (before that,
+    // the revision names the previous ReplicaSet).
+    assert!(
+        err.contains("0/2 ready, waiting for the controller to observe the new generation"),
+        "{err}"
+    );
     assert!(
         err.contains(
             "pod ttd-app-rev1-p0 container app: CrashLoopBackOff (last termination: Error, exit code 1)"
@@ -918,7 +924,8 @@ fn client_certificate_users_talk_tls_to_the_cluster() {
     let (code, _, stderr) = run(kstrata(&env).args(apply_args(&no_cert, &app, &busybox)));
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.contains("apply") || stderr.contains("find the API resource"),
+        stderr.contains("find the API resource of apps/v1 Deployment failed")
+            && stderr.contains("CertificateRequired"),
         "{stderr}"
     );
 }
