@@ -279,6 +279,13 @@ fn deploy_platform(p: &Option<Platform>) -> Platform {
 
 fn flux(a: FluxArgs) -> anyhow::Result<ExitCode> {
     let dest = parse_artifact(&a.artifact)?;
+    if a.flux.path.is_some() && a.image.is_some() {
+        return Err(UsageError(
+            "--image sets HelmRelease values; with --path the directory is packaged as it is"
+                .into(),
+        )
+        .into());
+    }
     let client = a.registry.client(None)?;
     let rt = runtime()?;
     let image = match &a.image {

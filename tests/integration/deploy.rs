@@ -375,6 +375,24 @@ fn flux_usage_errors_exit_2() {
         2,
     );
     assert!(err.contains("--source"), "{err}");
+    let err = fails(
+        &env,
+        &[
+            "deploy",
+            "flux",
+            "oci://127.0.0.1:1/configs/a:b",
+            "--path",
+            ".",
+            "--image",
+            "127.0.0.1:1/a:b",
+            "--source",
+            "s",
+            "--revision",
+            "r",
+        ],
+        2,
+    );
+    assert!(err.contains("--image"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,7 +624,7 @@ fn a_rollout_that_never_finishes_times_out() {
 /// fake server answers); returns kubectl's stdout.
 fn kubectl_accepts(env: &Env, kube: &FakeKube, yaml: &str) -> String {
     let kc = kubeconfig(env, "token.yaml", &[("@SERVER@", &kube.url())]);
-    let mut child = std::process::Command::new(tool("kubectl", "kubectl"))
+    let mut child = std::process::Command::new(tool("kubectl", "kubernetes-client"))
         .args(["apply", "--dry-run=client", "--validate=false", "-f", "-"])
         .env("KUBECONFIG", &kc)
         .env("HOME", env.path("kubectl-home"))
