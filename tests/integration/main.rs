@@ -9,6 +9,7 @@ mod auth;
 mod build;
 mod cache;
 mod deploy;
+mod deploy_apply;
 mod deploy_kube;
 mod errors;
 mod faults;
