@@ -218,6 +218,17 @@ fn image_pull_failures_fail_the_rollout() {
 }
 
 #[test]
+fn err_image_pull_fails_the_rollout() {
+    let err = failing_rollout(Scenario::ErrImagePull, &[]);
+    assert!(
+        err.contains(
+            "pod ttd-app-rev1-p0 container app: ErrImagePull: failed to pull and unpack image"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn progress_deadline_exceeded_fails_the_rollout() {
     let err = failing_rollout(Scenario::Deadline, &[]);
     assert!(

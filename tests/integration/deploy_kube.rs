@@ -35,6 +35,8 @@ pub enum Scenario {
     CrashLoop,
     /// The image cannot be pulled: `ImagePullBackOff`.
     ImagePull,
+    /// The first pull fails: `ErrImagePull`.
+    ErrImagePull,
     /// The controller gives up: `Progressing` = `ProgressDeadlineExceeded`.
     Deadline,
     /// Never becomes available (for the timeout).
@@ -535,6 +537,11 @@ fn controller(s: &mut State, collection: &str, d: &Value) {
         Scenario::ImagePull => json!({
             "state": {"waiting": {"reason": "ImagePullBackOff",
                 "message": format!("Back-off pulling image {image}")}},
+            "lastState": {}, "restartCount": 0,
+        }),
+        Scenario::ErrImagePull => json!({
+            "state": {"waiting": {"reason": "ErrImagePull",
+                "message": format!("failed to pull and unpack image {image}: not found")}},
             "lastState": {}, "restartCount": 0,
         }),
         _ => {
