@@ -102,6 +102,8 @@ pub struct BuildArgs {
     /// Resolve registry base images again even when the local store has the name.
     #[arg(long)]
     pull: bool,
+    #[command(flatten)]
+    registry: super::registry::RegistryArgs,
     /// After `--push`, hand the image to Flux: push a HelmRelease artifact to
     /// `oci://REGISTRY/REPO:TAG` (see `strata deploy flux`; the image is the first `-t`).
     #[arg(
@@ -115,8 +117,6 @@ pub struct BuildArgs {
     deploy_tags: Vec<String>,
     #[command(flatten, next_help_heading = "Deploy")]
     flux: super::deploy::FluxOptions,
-    #[command(flatten)]
-    registry: super::registry::RegistryArgs,
 }
 
 fn key_values(

@@ -353,9 +353,9 @@ pub struct ApplyArgs {
     #[arg(long)]
     platform: Option<Platform>,
     #[command(flatten)]
-    generated: GenerateArgs,
-    #[command(flatten)]
     registry: RegistryArgs,
+    #[command(flatten)]
+    generated: GenerateArgs,
 }
 
 /// `--generate`'s knobs; defaults are Altinn's chart's.
