@@ -67,6 +67,7 @@ fn artifact_files(env: &Env, image: &str, name: &str) -> Vec<(String, Vec<u8>, u
             &dest,
         ],
     );
+    validate_artifact(&layout);
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
@@ -85,6 +86,50 @@ fn artifact_files(env: &Env, image: &str, name: &str) -> Vec<(String, Vec<u8>, u
         out.push((path, data, mode));
     }
     out
+}
+
+/// Check an artifact's OCI layout with the image-spec schemas (tests/validate_oci.py's
+/// loader): index and manifest against their schemas, every blob against its descriptor. The
+/// config is Flux's, not an image config, so the image-config schema does not apply.
+fn validate_artifact(layout: &Path) {
+    let script = r#"
+import hashlib, json, os, sys
+sys.path.insert(0, sys.argv[3])
+import validate_oci as v
+layout, schemas = sys.argv[1], sys.argv[2]
+store, by_file = v.load_schemas(schemas)
+v.LocalResolver.by_file = by_file
+def check(doc, name):
+    r = v.LocalResolver(base_uri="file://" + os.path.join(schemas, name), referrer=by_file[name], store=store)
+    errs = [e.message for e in v.jsonschema.Draft4Validator(by_file[name], resolver=r).iter_errors(doc)]
+    assert not errs, errs
+def blob(d):
+    data = open(os.path.join(layout, "blobs", "sha256", d["digest"][7:]), "rb").read()
+    assert hashlib.sha256(data).hexdigest() == d["digest"][7:] and len(data) == d["size"], d
+    return data
+index = json.load(open(os.path.join(layout, "index.json")))
+check(index, "image-index-schema.json")
+for m in index["manifests"]:
+    doc = json.loads(blob(m))
+    check(doc, "image-manifest-schema.json")
+    for d in [doc["config"]] + doc["layers"]:
+        blob(d)
+print("artifact valid")
+"#;
+    let schemas = Path::new("/usr/share/gocode/src/github.com/opencontainers/image-spec/schema");
+    assert!(
+        schemas.is_dir(),
+        "OCI schemas missing: apt-get install golang-github-opencontainers-image-spec-dev"
+    );
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let out = run_ok(
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(layout)
+            .arg(schemas)
+            .arg(tests),
+    );
+    assert!(out.contains("artifact valid"), "{out}");
 }
 
 fn flux_args<'a>(artifact: &'a str, image: &'a str, values: &'a str) -> Vec<&'a str> {
