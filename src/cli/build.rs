@@ -375,9 +375,14 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             reference: image,
             config: out.image.config.clone(),
         };
-        let artifact = a
-            .flux
-            .push(&rt, &remote.client, dest, Some(&info), &a.deploy_tags)?;
+        let artifact = a.flux.push(
+            &rt,
+            &remote.client,
+            dest,
+            Some(&info),
+            &a.deploy_tags,
+            epoch_text.is_some().then_some(source_date_epoch),
+        )?;
         renderer.note(&format!(
             "handed to flux: image {} → artifact oci://{} (tags: {})",
             info.pinned(),

@@ -141,9 +141,12 @@ fn pairs(items: &[String], flag: &str) -> Result<Vec<(String, String)>, UsageErr
         .collect()
 }
 
-/// The creation time and tar mtime: SOURCE_DATE_EPOCH when set (reproducible artifacts),
-/// else now and 0.
-fn artifact_times() -> anyhow::Result<(i64, u64)> {
+/// The creation time and tar mtime: `epoch` (a build's `--source-date-epoch`) or
+/// SOURCE_DATE_EPOCH when set (reproducible artifacts), else now and 0.
+fn artifact_times(epoch: Option<i64>) -> anyhow::Result<(i64, u64)> {
+    if let Some(e) = epoch.filter(|e| *e >= 0) {
+        return Ok((e, e as u64));
+    }
     match std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .filter(|v| !v.is_empty())
@@ -230,6 +233,7 @@ impl FluxOptions {
     }
 
     /// Build and push the artifact to `dest`, tag it with `tags`, and report on stderr.
+    /// `epoch` overrides SOURCE_DATE_EPOCH (a build passes its own).
     pub(super) fn push(
         &self,
         rt: &tokio::runtime::Runtime,
@@ -237,6 +241,7 @@ impl FluxOptions {
         dest: &Reference,
         image: Option<&ImageInfo>,
         tags: &[String],
+        epoch: Option<i64>,
     ) -> anyhow::Result<PushedArtifact> {
         let source = self
             .source
@@ -250,7 +255,7 @@ impl FluxOptions {
         for label in missing {
             eprintln!("note: the image has no label {label:?}; its value was not set");
         }
-        let (created, mtime) = artifact_times()?;
+        let (created, mtime) = artifact_times(epoch)?;
         let meta = ArtifactMeta {
             source,
             revision,
@@ -302,7 +307,9 @@ fn flux(a: FluxArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let pushed = a.flux.push(&rt, &client, &dest, image.as_ref(), &a.tags)?;
+    let pushed = a
+        .flux
+        .push(&rt, &client, &dest, image.as_ref(), &a.tags, None)?;
     let digest = pushed
         .reference
         .digest

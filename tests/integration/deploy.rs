@@ -480,7 +480,11 @@ fn build_push_deploy_flux_chains_in_one_command() {
     );
     assert_eq!(code, 0, "{stderr}");
     let image_digest = crate::push_pull::printed_digest(&stdout);
-    let (_, artifact_digest) = skopeo_raw(&env, &reg.image("configs/ttd-app:at22"));
+    let (m, artifact_digest) = skopeo_raw(&env, &reg.image("configs/ttd-app:at22"));
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.created"], "2023-11-14T22:13:20Z",
+        "the build's --source-date-epoch dates the artifact"
+    );
     assert!(
         stderr.contains(&format!("{}@{image_digest}", reg.image("ttd/app")))
             && stderr.contains(&artifact_digest)
