@@ -445,39 +445,37 @@ fn build_push_deploy_flux_chains_in_one_command() {
     let artifact = format!("oci://{}", reg.image("configs/ttd-app:at22-v2"));
     let values = fixtures().join("app/deployment/values.yaml");
     let label = format!("studio.altinn.maskinporten.scopes={SCOPES}");
-    let (code, stdout, stderr) = crate::deploy_apply::run(
-        strata(&env)
-            .args([
-                "build",
-                "--progress",
-                "plain",
-                "-t",
-                &image,
-                "--push",
-                "--label",
-                &label,
-                "--deploy-flux",
-                &artifact,
-                "--deploy-tag",
-                "at22",
-                "--values",
-                values.to_str().unwrap(),
-                "--release",
-                "ttd-app",
-                "--chart",
-                "deployment",
-                "--chart-version",
-                "3.1.0",
-                "--set-from-label",
-                "maskinporten.scopes=studio.altinn.maskinporten.scopes",
-                "--source",
-                "https://altinn.studio/repos/ttd/app/commit/89ab",
-                "--revision",
-                "89ab",
-                fixtures().join("app").to_str().unwrap(),
-            ])
-            .env("SOURCE_DATE_EPOCH", "1700000000"),
-    );
+    let (code, stdout, stderr) = crate::deploy_apply::run(strata(&env).args([
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        &image,
+        "--push",
+        "--source-date-epoch",
+        "1700000000",
+        "--label",
+        &label,
+        "--deploy-flux",
+        &artifact,
+        "--deploy-tag",
+        "at22",
+        "--values",
+        values.to_str().unwrap(),
+        "--release",
+        "ttd-app",
+        "--chart",
+        "deployment",
+        "--chart-version",
+        "3.1.0",
+        "--set-from-label",
+        "maskinporten.scopes=studio.altinn.maskinporten.scopes",
+        "--source",
+        "https://altinn.studio/repos/ttd/app/commit/89ab",
+        "--revision",
+        "89ab",
+        fixtures().join("app").to_str().unwrap(),
+    ]));
     assert_eq!(code, 0, "{stderr}");
     let image_digest = crate::push_pull::printed_digest(&stdout);
     let (m, artifact_digest) = skopeo_raw(&env, &reg.image("configs/ttd-app:at22"));
