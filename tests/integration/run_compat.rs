@@ -22,7 +22,7 @@ use crate::registry::Registry;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Paths buildah adds to the image that no Dockerfile instruction asked for; they are dropped
-/// from buildah's tree before comparing (only when the base image does not have them).
+/// from buildah's tree before comparing when strata's result lacks them.
 ///
 /// - `etc/hosts`, `etc/resolv.conf`, `etc/hostname`: buildah bind-mounts its generated files
 ///   there for every RUN and, when the base lacks them, leaves the empty mount-point files in
@@ -398,18 +398,12 @@ impl Peers {
         let ctx = self.context(name, dockerfile, files);
         let ours = self.strata(name, &ctx, args);
         let theirs = self.buildah(name, &ctx, args);
-        let (tree, _) = compare_layouts(
-            &self.env,
-            name,
-            &ours,
-            &theirs,
-            &self.base_tree(),
-            unlinked_by_buildah,
-        );
+        let (tree, _) = compare_layouts(&self.env, name, &ours, &theirs, unlinked_by_buildah);
         (ours, tree)
     }
 
-    fn base_tree(&self) -> Listing {
+    /// The base exported to an OCI layout (tag `base`).
+    fn base_layout(&self) -> PathBuf {
         let layout = self.env.path("busybase-layout");
         if !layout.exists() {
             self.env.ok(&[
@@ -419,16 +413,12 @@ impl Peers {
                 &format!("oci:{}:base", layout.display()),
             ]);
         }
-        let bundle = self.env.path("busybase-bundle");
-        if !bundle.exists() {
-            umoci_unpack(&layout, "base", &bundle);
-        }
-        list_root(&bundle.join("rootfs"))
+        layout
     }
 }
 
-/// Unpack both layouts (tag `name`) with umoci, drop buildah's own files (when `base` lacks
-/// them), compare trees and configs. Returns strata's tree and config.
+/// Unpack both layouts (tag `name`) with umoci, drop buildah's own files, compare trees and
+/// configs. Returns strata's tree and config.
 ///
 /// `unlinked_by_buildah`: paths that strata keeps as hard links and buildah stores as separate
 /// copies (each case says why); for them only, the hard-link group is not compared (contents,
@@ -438,14 +428,13 @@ fn compare_layouts(
     name: &str,
     ours: &Path,
     theirs: &Path,
-    base: &Listing,
     unlinked_by_buildah: &[&str],
 ) -> (Listing, serde_json::Value) {
     let a = umoci_unpack(ours, name, &env.path(&format!("{name}-strata-bundle")));
     let b = umoci_unpack(theirs, name, &env.path(&format!("{name}-buildah-bundle")));
     let (mut ta, mut tb) = (list_root(&a), list_root(&b));
     for p in BUILDAH_ONLY {
-        if !base.contains_key(p) {
+        if !ta.contains_key(p) {
             tb.remove(p);
         }
     }
@@ -583,7 +572,7 @@ RUN rm -r /opt/other && echo now-a-file > /opt/other && rm /etc/keep.conf && mkd
 RUN cp -p /usr/bin/suid /suid-copy && stat -c '%a %u:%g %n' /usr/bin/suid /srv/shared /home/app/.profile > /modes
 "#;
     let (layout, tree) = peers.compare("deletions", dockerfile, &[], &[], &[]);
-    let base_layers = manifest(&peers.env.path("busybase-layout"), "base")["layers"]
+    let base_layers = manifest(&peers.base_layout(), "base")["layers"]
         .as_array()
         .unwrap()
         .len();
@@ -641,4 +630,352 @@ RUN cp -p /usr/bin/suid /suid-copy && stat -c '%a %u:%g %n' /usr/bin/suid /srv/s
                 .to_vec()
         )
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-made images: raw layer tars (hostile or merely unusual) pushed with skopeo
+// ---------------------------------------------------------------------------------------------
+
+/// One raw tar entry: the path bytes exactly as given (no cleaning, unlike the tar crate's
+/// builder, which refuses `..`), a type flag, a link name, a mode and contents.
+struct Raw<'a> {
+    path: &'a str,
+    kind: u8,
+    link: &'a str,
+    mode: u32,
+    uid: u32,
+    data: &'a [u8],
+}
+
+fn raw<'a>(path: &'a str, kind: u8, link: &'a str) -> Raw<'a> {
+    Raw {
+        path,
+        kind,
+        link,
+        mode: if kind == b'5' { 0o755 } else { 0o644 },
+        uid: 0,
+        data: b"",
+    }
+}
+
+fn raw_file<'a>(path: &'a str, data: &'a [u8]) -> Raw<'a> {
+    Raw {
+        data,
+        ..raw(path, b'0', "")
+    }
+}
+
+/// A ustar archive of `entries`, written byte by byte. Paths and link names longer than the
+/// header fields are not needed here.
+fn raw_tar(entries: &[Raw]) -> Vec<u8> {
+    fn octal(field: &mut [u8], v: u64) {
+        let s = format!("{:0w$o}\0", v, w = field.len() - 1);
+        field.copy_from_slice(s.as_bytes());
+    }
+    let mut out = Vec::new();
+    for e in entries {
+        assert!(e.path.len() <= 100 && e.link.len() <= 100, "{}", e.path);
+        let mut h = [0u8; 512];
+        h[..e.path.len()].copy_from_slice(e.path.as_bytes());
+        octal(&mut h[100..108], u64::from(e.mode));
+        octal(&mut h[108..116], u64::from(e.uid));
+        octal(&mut h[116..124], u64::from(e.uid));
+        octal(&mut h[124..136], e.data.len() as u64);
+        octal(&mut h[136..148], 1_700_000_000);
+        h[156] = e.kind;
+        h[157..157 + e.link.len()].copy_from_slice(e.link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        if e.kind == b'3' {
+            // /dev/null's numbers.
+            octal(&mut h[329..337], 1);
+            octal(&mut h[337..345], 3);
+        }
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(e.data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// Write an OCI layout holding one image whose layers are the given uncompressed tar files,
+/// and copy it with skopeo to `reg/<repo>:latest`.
+fn push_raw_image(env: &Env, reg: &Registry, repo: &str, layers: &[PathBuf]) {
+    let layout = env.path(&format!("raw-{repo}"));
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |path: &Path| -> (String, u64) {
+        let (d, size) =
+            strata::digest::digest_reader(std::fs::File::open(path).unwrap()).expect("hash");
+        let dest = blobs.join(d.hex());
+        if !dest.exists() {
+            std::fs::copy(path, &dest).expect("copy blob");
+        }
+        (format!("sha256:{}", d.hex()), size)
+    };
+    let put_bytes = |name: &str, bytes: &[u8]| -> (String, u64) {
+        let p = env.path(&format!("raw-{repo}-{name}"));
+        std::fs::write(&p, bytes).unwrap();
+        put(&p)
+    };
+    let layer_descs: Vec<(String, u64)> = layers.iter().map(|p| put(p)).collect();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layer_descs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+        },
+    });
+    let (cd, cs) = put_bytes("config", &serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cd,
+            "size": cs,
+        },
+        "layers": layer_descs.iter().map(|(d, s)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d,
+            "size": s,
+        })).collect::<Vec<_>>(),
+    });
+    let (md, ms) = put_bytes("manifest", &serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md,
+            "size": ms,
+            "annotations": { "org.opencontainers.image.ref.name": "latest" },
+        }],
+    });
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    run_ok(
+        Command::new(tool("skopeo", "skopeo"))
+            .args(["copy", "-q", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}", reg.image(&format!("{repo}:latest")))),
+    );
+}
+
+fn push_raw_tars(env: &Env, reg: &Registry, repo: &str, layers: &[Vec<u8>]) {
+    let paths: Vec<PathBuf> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let p = env.path(&format!("raw-{repo}-layer{i}.tar"));
+            std::fs::write(&p, bytes).unwrap();
+            p
+        })
+        .collect();
+    push_raw_image(env, reg, repo, &paths);
+}
+
+/// Layers that are unusual but valid: an opaque marker after its siblings (it still hides
+/// the lower content of a directory this layer rewrites), entries without their parent
+/// directories, a hard link to a file of a lower layer, a setuid file owned by another user,
+/// an absolute symlink to a directory next to writes under the real path. strata's RUN sees
+/// what buildah's sees.
+///
+/// Not compared: writing through one name of a hard link whose names all come from lower
+/// layers. overlayfs (without `index=on`, as docker's overlay2 mounts it) copies up only the
+/// name written to, so the link is broken in the new layer; buildah's vfs driver works on a
+/// full copy and keeps it.
+#[test]
+fn unusual_valid_layers_unpack_like_buildah() {
+    let peers = Peers::new();
+    let busybox = std::fs::read(tool("busybox", "busybox-static")).unwrap();
+    let lower = raw_tar(&[
+        raw("bin/", b'5', ""),
+        Raw {
+            mode: 0o755,
+            ..raw_file("bin/busybox", &busybox)
+        },
+        raw("bin/sh", b'2', "busybox"),
+        raw("d/", b'5', ""),
+        raw_file("d/keep", b"lower\n"),
+        raw("d/sub/", b'5', ""),
+        raw_file("d/sub/old", b"old\n"),
+        raw_file("shared.txt", b"shared\n"),
+        raw("etc/", b'5', ""),
+        raw_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+    ]);
+    let upper = raw_tar(&[
+        raw("d/", b'5', ""),
+        raw("d/sub/", b'5', ""),
+        raw_file("d/sub/new", b"new\n"),
+        raw_file("d/.wh..wh..opq", b""),
+        raw_file("no/parents/here", b"deep\n"),
+        raw("shared-link", b'1', "shared.txt"),
+        Raw {
+            mode: 0o4750,
+            uid: 1000,
+            ..raw_file("bin/suid", b"#!/bin/sh\n")
+        },
+        raw("etc-link", b'2', "/etc"),
+        raw_file("etc/group", b"root:x:0:\n"),
+    ]);
+    push_raw_tars(&peers.env, &peers.reg, "unusual", &[lower, upper]);
+    let dockerfile = format!(
+        "FROM {}\nRUN busybox ls -R /d > /d-listing && busybox stat -c '%a %u %h %n' /bin/suid /shared.txt /no/parents > /stat && echo y > /etc-link/hostname.conf\n",
+        peers.reg.image("unusual:latest")
+    );
+    let (_, tree) = peers.compare("unusual", &dockerfile, &[], &[], &[]);
+    assert_eq!(
+        tree["d-listing"].kind,
+        Kind::File(b"/d:\nsub\n\n/d/sub:\nnew\n".to_vec())
+    );
+    assert_eq!(
+        tree["stat"].kind,
+        Kind::File(b"4750 1000 1 /bin/suid\n644 0 2 /shared.txt\n755 0 2 /no/parents\n".to_vec())
+    );
+}
+
+/// Base layers that try to escape the root: every one is refused when a RUN needs the base,
+/// with an error naming the entry, and nothing lands outside (the escapes all aim at a
+/// canary directory, which must stay empty).
+#[test]
+fn hostile_base_layers_are_refused_by_name() {
+    let reg = Registry::anonymous();
+    let env = Env::new();
+    let canary = env.path("canary");
+    std::fs::create_dir_all(&canary).unwrap();
+    write(&canary, "secret", b"host file\n");
+    let c = canary.display().to_string();
+    let up = "../".repeat(16);
+    let abs_target = c.clone();
+    let escaping = format!("{up}{}", c.trim_start_matches('/'));
+    let dotdot_file = format!("{escaping}/dotdot");
+    let abs_file = format!("{c}/absolute");
+    let through = format!("{}/secret", "evil");
+    let cases: Vec<(&str, Vec<Vec<u8>>, String, &str)> = vec![
+        (
+            "dotdot",
+            vec![raw_tar(&[raw_file(&dotdot_file, b"pwned\n")])],
+            dotdot_file.clone(),
+            "`..` component",
+        ),
+        (
+            "absolute",
+            vec![raw_tar(&[raw_file(&abs_file, b"pwned\n")])],
+            abs_file.clone(),
+            "absolute path",
+        ),
+        (
+            "symlink-escape",
+            vec![raw_tar(&[raw("evil", b'2', &escaping)])],
+            "evil".into(),
+            "escapes the root",
+        ),
+        (
+            "write-through-symlink",
+            vec![
+                raw_tar(&[raw("evil", b'2', &abs_target)]),
+                raw_tar(&[raw_file("evil/pwned", b"pwned\n")]),
+            ],
+            "evil/pwned".into(),
+            "parent directory is a symlink",
+        ),
+        (
+            "hardlink-dotdot",
+            vec![raw_tar(&[raw("hl", b'1', &format!("{escaping}/secret"))])],
+            format!("{escaping}/secret"),
+            "`..` component",
+        ),
+        (
+            "hardlink-absolute",
+            vec![raw_tar(&[raw("hl", b'1', &format!("{c}/secret"))])],
+            format!("{c}/secret"),
+            "absolute path",
+        ),
+        (
+            "hardlink-through-symlink",
+            vec![raw_tar(&[
+                raw("evil", b'2', &abs_target),
+                raw("hl", b'1', &through),
+            ])],
+            through.clone(),
+            "parent directory is a symlink",
+        ),
+        (
+            "whiteout-dotdot",
+            vec![raw_tar(&[
+                raw("etc/", b'5', ""),
+                raw_file("etc/.wh...", b""),
+            ])],
+            "etc/.wh...".into(),
+            "whiteout of `.` or `..`",
+        ),
+        (
+            "whiteout-through-symlink",
+            vec![
+                raw_tar(&[raw("evil", b'2', &abs_target)]),
+                raw_tar(&[raw_file("evil/.wh.secret", b"")]),
+            ],
+            "evil/.wh.secret".into(),
+            "parent directory is a symlink",
+        ),
+        (
+            "opaque-through-symlink",
+            vec![
+                raw_tar(&[raw("evil", b'2', &abs_target)]),
+                raw_tar(&[raw_file("evil/.wh..wh..opq", b"")]),
+            ],
+            "evil/.wh..wh..opq".into(),
+            "parent directory is a symlink",
+        ),
+    ];
+    for (name, layers, entry, why) in &cases {
+        push_raw_tars(&env, &reg, name, layers);
+        let ctx = env.path(&format!("ctx-{name}"));
+        write(
+            &ctx,
+            "Dockerfile",
+            format!("FROM {}\nRUN true\n", reg.image(&format!("{name}:latest"))).as_bytes(),
+        );
+        let out = env
+            .cmd()
+            .args(["build", "--progress", "plain", "-t", name])
+            .arg(&ctx)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name}: the build succeeded\n{stderr}"
+        );
+        let expected = format!("refusing layer entry {entry:?}: ");
+        assert!(
+            stderr.contains(&expected) && stderr.contains(why),
+            "{name}: expected `{expected}…{why}` in:\n{stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&canary)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("secret")], "{name}");
+        assert_eq!(
+            std::fs::read(canary.join("secret")).unwrap(),
+            b"host file\n"
+        );
+        assert!(!env.names().contains(&format!("{name}:latest")));
+    }
 }
