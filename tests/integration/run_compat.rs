@@ -728,6 +728,13 @@ fn push_raw_image(env: &Env, reg: &Registry, repo: &str, layers: &[PathBuf]) {
         "architecture": "amd64",
         "os": "linux",
         "config": {},
+        // buildah checks that history and layers agree.
+        "history": (0..layer_descs.len())
+            .map(|i| serde_json::json!({
+                "created": "2023-11-14T22:13:20Z",
+                "created_by": format!("raw layer {i}"),
+            }))
+            .collect::<Vec<_>>(),
         "rootfs": {
             "type": "layers",
             "diff_ids": layer_descs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
@@ -978,4 +985,105 @@ fn hostile_base_layers_are_refused_by_name() {
         );
         assert!(!env.names().contains(&format!("{name}:latest")));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real Debian base
+// ---------------------------------------------------------------------------------------------
+
+/// A `debootstrap --variant=minbase bookworm` root file system as one uncompressed layer tar,
+/// made once (about 70 s, from the Debian mirror) and cached under the cargo target dir keyed
+/// by suite, variant and architecture; concurrent tests wait on a lock. As in
+/// benches/compare.sh, device nodes, fifos and sockets are removed first: they are not image
+/// content (runtimes create /dev). GNU tar writes the layer, keeping modes, owners and hard
+/// links exactly.
+fn debian_minbase_tar() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debootstrap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let arch = run_ok(Command::new("dpkg").arg("--print-architecture"))
+        .trim()
+        .to_string();
+    let key = format!("bookworm-minbase-{arch}");
+    let tar = dir.join(format!("{key}.tar"));
+    let lock = std::fs::File::create(dir.join(format!("{key}.lock"))).unwrap();
+    // SAFETY: flock on an open file descriptor; released when `lock` is closed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    if tar.exists() {
+        return tar;
+    }
+    let work = dir.join(format!("{key}.work"));
+    let rootfs = work.join("rootfs");
+    if !work.join("complete").exists() {
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).unwrap();
+        let log = dir.join(format!("{key}.log"));
+        let status = Command::new(tool("debootstrap", "debootstrap"))
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&rootfs)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{key}.err"))).unwrap())
+            .status()
+            .expect("run debootstrap");
+        assert!(
+            status.success(),
+            "debootstrap --variant=minbase bookworm failed ({status}); see {}",
+            log.display()
+        );
+        run_ok(
+            Command::new("find")
+                .arg(&rootfs)
+                .args(["-xdev", "!", "-type", "f", "!", "-type", "d"])
+                .args(["!", "-type", "l", "-delete"]),
+        );
+        std::fs::write(work.join("complete"), b"").unwrap();
+    }
+    let tmp = dir.join(format!("{key}.tar.tmp"));
+    run_ok(
+        Command::new(tool("tar", "tar"))
+            .args(["--numeric-owner", "--sort=name", "-C"])
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tmp)
+            .arg("."),
+    );
+    std::fs::rename(&tmp, &tar).unwrap();
+    tar
+}
+
+/// The Altinn runtime stage on Debian: `groupadd`/`useradd` from the real passwd package,
+/// then `mkdir` as the new user; compared with buildah on the same Dockerfile.
+#[test]
+fn altinn_final_stage_on_debian_matches_buildah() {
+    let debian = debian_minbase_tar();
+    let peers = Peers::new();
+    push_raw_image(&peers.env, &peers.reg, "debian", &[debian]);
+    let dockerfile = format!(
+        "FROM {}\n\
+         RUN groupadd -g 3000 dotnet && useradd -u 1000 -g dotnet -M -s /bin/false dotnet\n\
+         USER dotnet\n\
+         RUN mkdir /tmp/logtelemetry\n",
+        peers.reg.image("debian:latest")
+    );
+    let (layout, tree) = peers.compare("altinn", &dockerfile, &[], &[], &[]);
+    let text = |p: &str| match &tree[p].kind {
+        Kind::File(b) => String::from_utf8(b.clone()).unwrap(),
+        k => panic!("/{p} is {k:?}"),
+    };
+    assert!(
+        text("etc/passwd").contains("\ndotnet:x:1000:3000::/home/dotnet:/bin/false\n"),
+        "{}",
+        text("etc/passwd")
+    );
+    assert!(
+        text("etc/group").contains("\ndotnet:x:3000:\n"),
+        "{}",
+        text("etc/group")
+    );
+    let t = &tree["tmp/logtelemetry"];
+    assert_eq!(
+        (&t.kind, t.uid, t.gid, t.mode),
+        (&Kind::Dir, 1000, 3000, 0o755)
+    );
+    assert_eq!(image_config(&layout, "altinn")["config"]["User"], "dotnet");
 }
