@@ -5,6 +5,7 @@ mod build;
 mod images;
 mod progress;
 mod registry;
+mod userns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,11 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    if matches!(cli.command, Command::Build(_))
+        && let Some(code) = userns::reexec_build()
+    {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
