@@ -174,13 +174,24 @@ fn lchown(path: &Path, uid: u64, gid: u64) -> Result<()> {
 
 /// Apply the uncompressed layer tar read from `tar` to the directory `dest`.
 ///
-/// Owners are applied when running as root; otherwise every file belongs to the caller (who is
-/// root inside a sandbox with a single-id map). Dir modes are applied last so a read-only
+/// Owners are applied when running as root (also root of a rootless user namespace, see
+/// `strata build`'s re-execution); otherwise every file belongs to the caller (who is root
+/// inside a sandbox with a single-id map). Device nodes only as root of the host's user
+/// namespace. Dir modes are applied last so a read-only
 /// directory can still be filled.
 pub fn unpack_layer(tar: impl Read, dest: &Path) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    unpack_with(tar, dest, root)
+    unpack_with(tar, dest, root && in_initial_user_namespace())
+}
+
+/// Whether this process is in the host's user namespace (where root may make device nodes),
+/// not root of a rootless one: the initial namespace maps every id to itself.
+fn in_initial_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+        let f: Vec<&str> = m.split_whitespace().collect();
+        f == ["0", "0", "4294967295"]
+    })
 }
 
 /// [`unpack_layer`], with device nodes allowed or not.
