@@ -252,6 +252,86 @@ fn layer_entries(layout: &Path, tag: &str) -> Vec<Vec<(String, u8, String)>> {
 struct Peers {
     reg: Registry,
     env: Env,
+    /// Run strata as this unprivileged user instead of root.
+    rootless: Option<Rootless>,
+}
+
+/// How strata runs unprivileged: as `nobody` (65534:65534, no supplementary groups, via
+/// util-linux's `setpriv`), with its own STRATA_HOME and HOME in a directory it owns.
+/// With `subordinate`, a private mount namespace shows `/etc/subuid` and `/etc/subgid` files
+/// giving nobody a range (host ids 200000-265535), so the setuid `newuidmap` maps container
+/// ids 1.. as on a usual rootless set-up; without, strata gets the single-id map.
+struct Rootless {
+    dir: PathBuf,
+    subordinate: bool,
+}
+
+const NOBODY: u32 = 65534;
+
+impl Rootless {
+    fn new(env: &Env, subordinate: bool) -> Rootless {
+        use std::os::unix::fs::PermissionsExt;
+        // nobody must reach the contexts and the binary's output below the test's temp dir.
+        std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = env.path("nobody");
+        std::fs::create_dir_all(dir.join("home")).unwrap();
+        for p in [dir.clone(), dir.join("home")] {
+            std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        write(
+            &dir,
+            "subuid",
+            format!("{NOBODY}:200000:65536\n").as_bytes(),
+        );
+        write(
+            &dir,
+            "subgid",
+            format!("{NOBODY}:200000:65536\n").as_bytes(),
+        );
+        Rootless { dir, subordinate }
+    }
+
+    /// `strata ARGS` as nobody.
+    fn command(&self, args: &[&str]) -> Command {
+        let strata = env!("CARGO_BIN_EXE_strata");
+        let setpriv = tool("setpriv", "util-linux");
+        let mut c = if self.subordinate {
+            let mut c = Command::new(tool("unshare", "util-linux"));
+            c.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+                .arg(
+                    "mount --bind \"$1\" /etc/subuid && mount --bind \"$2\" /etc/subgid && \
+                     shift 2 && exec \"$@\"",
+                )
+                .arg("sh")
+                .arg(self.dir.join("subuid"))
+                .arg(self.dir.join("subgid"));
+            c.arg(&setpriv);
+            c
+        } else {
+            Command::new(&setpriv)
+        };
+        c.args([
+            "--reuid",
+            &NOBODY.to_string(),
+            "--regid",
+            &NOBODY.to_string(),
+            "--clear-groups",
+            "--",
+            strata,
+        ])
+        .args(args)
+        .env("STRATA_HOME", self.dir.join("home/strata"))
+        .env("HOME", self.dir.join("home"))
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("STRATA_THREADS");
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        run_ok(&mut self.command(args))
+    }
 }
 
 /// Write the busybox root used as the base: every applet, users and groups, files to delete,
@@ -316,7 +396,18 @@ impl Peers {
         busybox_rootfs(&ctx);
         let tag = reg.image("busybase:latest");
         env.build(&ctx, &["--push", "-t", &tag]);
-        Peers { reg, env }
+        Peers {
+            reg,
+            env,
+            rootless: None,
+        }
+    }
+
+    /// [`Peers::new`], with strata running unprivileged (see [`Rootless`]).
+    fn rootless(subordinate: bool) -> Peers {
+        let mut peers = Peers::new();
+        peers.rootless = Some(Rootless::new(&peers.env, subordinate));
+        peers
     }
 
     fn base(&self) -> String {
@@ -374,9 +465,25 @@ impl Peers {
         let tag = format!("{name}:latest");
         let mut full = vec!["-t", tag.as_str()];
         full.extend_from_slice(args);
-        self.env.build(ctx, &full);
-        let layout = self.env.path(&format!("{name}-strata-layout"));
-        self.env.ok(&[
+        let Some(rootless) = &self.rootless else {
+            self.env.build(ctx, &full);
+            let layout = self.env.path(&format!("{name}-strata-layout"));
+            self.env.ok(&[
+                "export",
+                &tag,
+                "--output",
+                &format!("oci:{}:{name}", layout.display()),
+            ]);
+            validate_layout(&layout);
+            return layout;
+        };
+        let mut build = vec!["build", "--progress", "plain"];
+        build.extend_from_slice(&full);
+        let ctx = ctx.to_str().unwrap();
+        build.push(ctx);
+        rootless.ok(&build);
+        let layout = rootless.dir.join(format!("{name}-strata-layout"));
+        rootless.ok(&[
             "export",
             &tag,
             "--output",
@@ -499,14 +606,8 @@ fn compare_layouts(
 // Cases
 // ---------------------------------------------------------------------------------------------
 
-/// File-system operations in a build stage, the result copied into a runtime stage that runs
-/// more steps: mkdir, chmod (setuid, sticky, odd modes), symlinks (to files, to directories,
-/// dangling, absolute), hard links (new files and a base file), chown to other users,
-/// WORKDIR, ENV and ARG in RUN, writing through a base symlink to a directory.
-#[test]
-fn multi_stage_file_operations_match_buildah() {
-    let peers = Peers::new();
-    let dockerfile = r#"FROM {BASE} AS build
+/// The Dockerfile of [`multi_stage_file_operations_match_buildah`].
+const FILEOPS: &str = r#"FROM {BASE} AS build
 ARG FLAVOR=plain
 ENV GREETING=hello OUT=/src/out
 WORKDIR /src
@@ -533,19 +634,37 @@ USER root
 ENTRYPOINT ["/app/tool"]
 CMD ["--help"]
 "#;
-    // Hard links buildah does not keep, where strata's layers say what the file system had:
-    // - app/msg + app/hard: linked by a RUN of the build stage, then `COPY --from`; buildah's
-    //   COPY copies each path separately, strata's keeps the link, as BuildKit's does.
-    // - etc/keep.conf + etc/keep-hard: a new link to a base file. buildah's vfs driver diffs
-    //   directories and sees keep.conf unchanged, so its layer has keep-hard as a plain copy;
-    //   strata's overlay upper holds both names of the one inode, so its layer links them (as
-    //   docker's overlay2 driver does) and the unpacked file system is the one RUN left.
+
+/// Hard links buildah does not keep, where strata's layers say what the file system had:
+/// - app/msg + app/hard: linked by a RUN of the build stage, then `COPY --from`; buildah's
+///   COPY copies each path separately, strata's keeps the link, as BuildKit's does.
+/// - etc/keep.conf + etc/keep-hard: a new link to a base file. buildah's vfs driver diffs
+///   directories and sees keep.conf unchanged, so its layer has keep-hard as a plain copy;
+///   strata's overlay upper holds both names of the one inode, so its layer links them (as
+///   docker's overlay2 driver does) and the unpacked file system is the one RUN left.
+const FILEOPS_UNLINKED: &[&str] = &["app/msg", "app/hard", "etc/keep.conf", "etc/keep-hard"];
+
+/// The Dockerfile of [`deletions_become_whiteouts_and_match_buildah`].
+const DELETIONS: &str = r#"FROM {BASE}
+RUN rm /etc/removed && rm -r /opt/tree && rm /srv/data/x
+RUN rm -r /usr/share/doc && mkdir /usr/share/doc && echo new > /usr/share/doc/fresh
+RUN rm -r /opt/other && echo now-a-file > /opt/other && rm /etc/keep.conf && mkdir /etc/keep.conf && rm /var/run && mkdir /var/run && echo f > /var/run/f
+RUN cp -p /usr/bin/suid /suid-copy && stat -c '%a %u:%g %n' /usr/bin/suid /srv/shared /home/app/.profile > /modes
+"#;
+
+/// File-system operations in a build stage, the result copied into a runtime stage that runs
+/// more steps: mkdir, chmod (setuid, sticky, odd modes), symlinks (to files, to directories,
+/// dangling, absolute), hard links (new files and a base file), chown to other users,
+/// WORKDIR, ENV and ARG in RUN, writing through a base symlink to a directory.
+#[test]
+fn multi_stage_file_operations_match_buildah() {
+    let peers = Peers::new();
     let (_, tree) = peers.compare(
         "fileops",
-        dockerfile,
+        FILEOPS,
         &[],
         &["--build-arg", "FLAVOR=spicy"],
-        &["app/msg", "app/hard", "etc/keep.conf", "etc/keep-hard"],
+        FILEOPS_UNLINKED,
     );
     // The comparison passed; spot-check that the steps really ran.
     assert_eq!(tree["app/msg"].kind, Kind::File(b"hello spicy\n".to_vec()));
@@ -565,13 +684,7 @@ CMD ["--help"]
 #[test]
 fn deletions_become_whiteouts_and_match_buildah() {
     let peers = Peers::new();
-    let dockerfile = r#"FROM {BASE}
-RUN rm /etc/removed && rm -r /opt/tree && rm /srv/data/x
-RUN rm -r /usr/share/doc && mkdir /usr/share/doc && echo new > /usr/share/doc/fresh
-RUN rm -r /opt/other && echo now-a-file > /opt/other && rm /etc/keep.conf && mkdir /etc/keep.conf && rm /var/run && mkdir /var/run && echo f > /var/run/f
-RUN cp -p /usr/bin/suid /suid-copy && stat -c '%a %u:%g %n' /usr/bin/suid /srv/shared /home/app/.profile > /modes
-"#;
-    let (layout, tree) = peers.compare("deletions", dockerfile, &[], &[], &[]);
+    let (layout, tree) = peers.compare("deletions", DELETIONS, &[], &[], &[]);
     let base_layers = manifest(&peers.base_layout(), "base")["layers"]
         .as_array()
         .unwrap()
@@ -1086,4 +1199,129 @@ fn altinn_final_stage_on_debian_matches_buildah() {
         (&Kind::Dir, 1000, 3000, 0o755)
     );
     assert_eq!(image_config(&layout, "altinn")["config"]["User"], "dotnet");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rootless
+// ---------------------------------------------------------------------------------------------
+
+/// The buildah comparisons again with strata unprivileged (nobody, a subordinate id range as
+/// rootless set-ups have, so `chown` to other users and `USER 1000` work).
+#[test]
+fn rootless_multi_stage_file_operations_match_buildah() {
+    let peers = Peers::rootless(true);
+    let (_, tree) = peers.compare(
+        "fileops",
+        FILEOPS,
+        &[],
+        &["--build-arg", "FLAVOR=spicy"],
+        FILEOPS_UNLINKED,
+    );
+    assert_eq!(tree["app/work/own"].uid, 1000);
+}
+
+#[test]
+fn rootless_deletions_match_buildah() {
+    let peers = Peers::rootless(true);
+    peers.compare("deletions", DELETIONS, &[], &[], &[]);
+}
+
+/// The Altinn stage on Debian with strata unprivileged: base files keep their owners
+/// (`/etc/shadow` is root:shadow 0640, rewritten by useradd) and the result is buildah's.
+#[test]
+fn rootless_altinn_final_stage_on_debian_matches_buildah() {
+    let debian = debian_minbase_tar();
+    let peers = Peers::rootless(true);
+    push_raw_image(&peers.env, &peers.reg, "debian", &[debian]);
+    let dockerfile = format!(
+        "FROM {}\n\
+         RUN groupadd -g 3000 dotnet && useradd -u 1000 -g dotnet -M -s /bin/false dotnet\n\
+         USER dotnet\n\
+         RUN mkdir /tmp/logtelemetry\n",
+        peers.reg.image("debian:latest")
+    );
+    let (_, tree) = peers.compare("altinn", &dockerfile, &[], &[], &[]);
+    let t = &tree["tmp/logtelemetry"];
+    assert_eq!((t.uid, t.gid), (1000, 3000));
+    assert_eq!(
+        (tree["etc/shadow"].gid, tree["etc/shadow"].mode),
+        (42, 0o640)
+    );
+}
+
+/// Unprivileged without subordinate ids (the single-id map): RUN as root works, a device node
+/// in a base layer is refused by name, and `USER 1000` fails naming the missing range.
+#[test]
+fn rootless_single_id_map_refuses_devices_and_unmapped_users() {
+    let peers = Peers::rootless(false);
+    let rootless = peers.rootless.as_ref().unwrap();
+    let ctx = peers.context(
+        "single",
+        "FROM {BASE}\nRUN rm /etc/removed && mkdir /made && echo hi > /made/file\n",
+        &[],
+    );
+    rootless.ok(&["build", "-t", "single", ctx.to_str().unwrap()]);
+
+    push_raw_tars(
+        &peers.env,
+        &peers.reg,
+        "device",
+        &[raw_tar(&[raw("dev/", b'5', ""), raw("dev/evil", b'3', "")])],
+    );
+    let ctx = peers.context(
+        "device",
+        &format!("FROM {}\nRUN true\n", peers.reg.image("device:latest")),
+        &[],
+    );
+    let out = rootless
+        .command(&["build", "-t", "device", ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refusing layer entry \"dev/evil\": device node in a rootless unpack"),
+        "{stderr}"
+    );
+
+    let ctx = peers.context("unmapped", "FROM {BASE}\nUSER 1000\nRUN true\n", &[]);
+    let out = rootless
+        .command(&["build", "-t", "unmapped", ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("uid 1000 is not mapped in the user namespace"),
+        "{stderr}"
+    );
+}
+
+/// With subordinate ids the device node is refused too: root of a rootless user namespace
+/// cannot make one.
+#[test]
+fn rootless_with_subordinate_ids_refuses_devices() {
+    let peers = Peers::rootless(true);
+    let rootless = peers.rootless.as_ref().unwrap();
+    push_raw_tars(
+        &peers.env,
+        &peers.reg,
+        "device",
+        &[raw_tar(&[raw("dev/", b'5', ""), raw("dev/evil", b'3', "")])],
+    );
+    let ctx = peers.context(
+        "device",
+        &format!("FROM {}\nRUN true\n", peers.reg.image("device:latest")),
+        &[],
+    );
+    let out = rootless
+        .command(&["build", "-t", "device", ctx.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refusing layer entry \"dev/evil\": device node in a rootless unpack"),
+        "{stderr}"
+    );
 }
