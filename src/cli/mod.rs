@@ -6,6 +6,7 @@ mod deploy;
 mod images;
 mod progress;
 mod registry;
+mod userns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +102,11 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    if matches!(cli.command, Command::Build(_))
+        && let Some(code) = userns::reexec_build()
+    {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)

@@ -113,7 +113,8 @@ impl IdMap {
 
 /// How the maps get written once the child has unshared its user namespace.
 #[derive(Clone, Debug)]
-pub(super) struct MapPlan {
+pub struct MapPlan {
+    /// The uid and gid maps.
     pub map: IdMap,
     /// `newuidmap`/`newgidmap` when subordinate ranges are used.
     helpers: Option<(PathBuf, PathBuf)>,
@@ -127,8 +128,21 @@ impl MapPlan {
         // SAFETY: geteuid/getegid cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         if uid == 0 {
+            // Ids 0..65536 as themselves. Root of a rootless user namespace (whose own map is
+            // split, e.g. 0 → the caller, 1.. → a subordinate range) must give one extent per
+            // extent of its own map: the kernel refuses an extent that spans two.
+            let own = |file: &str| {
+                std::fs::read_to_string(file)
+                    .ok()
+                    .map(|m| identity_within(&m, 65536))
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| IdMap::identity(65536).uids)
+            };
             return MapPlan {
-                map: IdMap::identity(65536),
+                map: IdMap {
+                    uids: own("/proc/self/uid_map"),
+                    gids: own("/proc/self/gid_map"),
+                },
                 helpers: None,
                 deny_setgroups: false,
             };
@@ -211,6 +225,26 @@ impl MapPlan {
         }
         Ok(())
     }
+}
+
+/// Identity ranges for the ids below `limit` that the `/proc/self/uid_map`-style `map` has,
+/// split where its extents are.
+pub(super) fn identity_within(map: &str, limit: u32) -> Vec<IdRange> {
+    let mut out: Vec<IdRange> = map
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace().map(|n| n.parse::<u64>().ok());
+            let (inside, _, count) = (f.next()??, f.next()??, f.next()??);
+            let end = (inside + count).min(u64::from(limit));
+            (inside < end).then(|| IdRange {
+                inside: inside as u32,
+                outside: inside as u32,
+                count: (end - inside) as u32,
+            })
+        })
+        .collect();
+    out.sort_by_key(|r| r.inside);
+    out
 }
 
 /// The login name of `uid`, from the password database.

@@ -30,7 +30,7 @@ mod view;
 #[cfg(test)]
 mod tests;
 
-pub use idmap::{IdMap, IdRange};
+pub use idmap::{IdMap, IdRange, MapPlan};
 pub use unpack::unpack_layer;
 pub use upper::upper_to_entries;
 

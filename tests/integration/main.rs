@@ -21,4 +21,5 @@ mod registry;
 mod relay_copy;
 mod reproducible;
 mod run;
+mod run_compat;
 mod store;
