@@ -70,6 +70,14 @@ pub(super) enum Op {
         uid: u32,
         gid: u32,
     },
+    /// Create `path` (which must not exist) holding `data`, with this mode and owner.
+    WriteFile {
+        path: CString,
+        data: Vec<u8>,
+        mode: libc::mode_t,
+        uid: u32,
+        gid: u32,
+    },
     /// Bring the loopback interface up (a fresh network namespace has it down).
     LoopbackUp,
 }
@@ -239,8 +247,44 @@ unsafe fn run_op(op: &Op) -> bool {
             }
             Op::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
             Op::Chown { path, uid, gid } => libc::lchown(path.as_ptr(), *uid, *gid) == 0,
+            Op::WriteFile {
+                path,
+                data,
+                mode,
+                uid,
+                gid,
+            } => write_file(path, data, *mode, *uid, *gid),
             Op::LoopbackUp => loopback_up(),
         }
+    }
+}
+
+unsafe fn write_file(path: &CString, data: &[u8], mode: libc::mode_t, uid: u32, gid: u32) -> bool {
+    // SAFETY: raw calls on a prepared path and buffer; the descriptor is closed on every path.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o600,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let mut off = 0;
+        let mut ok = true;
+        while off < data.len() {
+            let n = libc::write(fd, data[off..].as_ptr().cast(), data.len() - off);
+            if n < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                ok = false;
+                break;
+            }
+            off += n as usize;
+        }
+        ok = ok && libc::fchown(fd, uid, gid) == 0 && libc::fchmod(fd, mode) == 0;
+        libc::close(fd) == 0 && ok
     }
 }
 

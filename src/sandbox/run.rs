@@ -22,6 +22,7 @@ struct WorkDirs {
     skel: PathBuf,
     empty: PathBuf,
     scratch: PathBuf,
+    secrets: PathBuf,
 }
 
 impl WorkDirs {
@@ -32,6 +33,7 @@ impl WorkDirs {
             skel: work.join("skel"),
             empty: work.join("empty"),
             scratch: work.join("scratch"),
+            secrets: work.join("secrets"),
         }
     }
 }
@@ -184,7 +186,8 @@ fn supervise(
     hosts: HostFiles,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Option<RunOutcome>> {
-    let ops = mount_ops(spec, &dirs.root, &hosts)?;
+    fs_err::create_dir_all(&dirs.secrets)?;
+    let ops = mount_ops(spec, &dirs.root, &dirs.secrets, &hosts)?;
     steps.extend(ops.steps);
     let rel_cwd = container_rel(&spec.cwd, "working directory")?;
     let mut cwd_dirs = Vec::new();

@@ -685,3 +685,77 @@ fn subordinate_ranges_and_id_conversion() {
         "gid 3000 is not mapped in the user namespace (only 0); add a range for this user to /etc/subgid"
     );
 }
+
+fn secret_and_dev_mounts(kind: Option<RootfsKind>) {
+    let fx = Fixture::new();
+    let script_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        script_dir.path().join("EOF"),
+        "#!/bin/sh\necho from script $0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        script_dir.path().join("EOF"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut spec = fx.spec(
+        "cat /run/secrets/tok; ls -ln /run/secrets/tok; \
+         echo x > /run/secrets/tok || echo refused; /dev/pipes/EOF; ls -lnd /c",
+    );
+    spec.rootfs = kind;
+    spec.mounts = vec![
+        Mount::Secret {
+            target: "/run/secrets/tok".into(),
+            data: SecretBytes(b"hunter2\n".to_vec()),
+            mode: 0o400,
+            uid: 0,
+            gid: 0,
+        },
+        Mount::Bind {
+            source: script_dir.path().to_owned(),
+            target: "/dev/pipes".into(),
+            readonly: true,
+        },
+        Mount::Bind {
+            source: cache.path().to_owned(),
+            target: "/c".into(),
+            readonly: false,
+        },
+    ];
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    spec.chown = vec![(cache.path().to_owned(), 0, 0)];
+    let (outcome, entries) = fx.run(&spec);
+    let out = output(&outcome);
+    assert!(out.starts_with("hunter2\n-r--------"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    assert!(out.contains("from script /dev/pipes/EOF"), "{out}");
+    assert!(out.contains("drwx------"), "{out}");
+    assert!(
+        entries.is_empty(),
+        "mount points leaked into the upper: {:?}",
+        entries.keys()
+    );
+    // The secret never touched the host's disk: only the sandbox's tmpfs held it.
+    for e in walkdir::WalkDir::new(fx._tmp.path()).into_iter().flatten() {
+        if e.file_type().is_file() {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            assert!(
+                !bytes.windows(7).any(|w| w == b"hunter2"),
+                "secret found in {}",
+                e.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn secrets_and_dev_mounts_on_kernel_overlay() {
+    secret_and_dev_mounts(None);
+}
+
+#[test]
+fn secrets_and_dev_mounts_on_copy() {
+    secret_and_dev_mounts(Some(RootfsKind::Copy));
+}
