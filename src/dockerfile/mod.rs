@@ -23,6 +23,7 @@ pub use instruction::{
     CommandForm, CopyArgs, Healthcheck, HealthcheckCommand, Instruction, Run, RunFlags,
 };
 pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_ram_size};
+pub(crate) use parser::parse_heredoc;
 pub use parser::{Args, Ast, Heredoc, Node, Pair, parse_ast};
 pub use shell::{expand_heredoc, expand_word, expand_words};
 

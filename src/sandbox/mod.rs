@@ -23,6 +23,7 @@ mod copy;
 mod idmap;
 mod plan;
 mod run;
+mod snapshot;
 mod unpack;
 mod upper;
 mod view;
@@ -31,6 +32,7 @@ mod view;
 mod tests;
 
 pub use idmap::{IdMap, IdRange};
+pub use snapshot::{merge_lowers, unpack_layer_dir};
 pub use unpack::unpack_layer;
 pub use upper::upper_to_entries;
 

@@ -33,6 +33,10 @@ pub struct PruneReport {
     pub cache_entries: usize,
     /// Images removed from `index.json` (names, or digests of untagged ones).
     pub images: Vec<String>,
+    /// RUN snapshots (unpacked layers) removed.
+    pub snapshots: usize,
+    /// RUN cache mounts removed.
+    pub cache_mounts: usize,
 }
 
 /// Bytes by kind.
@@ -223,6 +227,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, StoreErr
     });
     report.images = broken.into_iter().cloned().collect();
     index.write(store.root())?;
+    // Unpacked layers and cache mounts are caches; no build runs while we hold gc.lock.
+    (report.snapshots, report.cache_mounts) = super::mounts::prune_run_caches(store, opts.until)?;
     // Temp files of interrupted writes, an hour old (a running writer holds younger ones).
     for e in fs::read_dir(store.root().join("tmp"))? {
         let e = e?;
