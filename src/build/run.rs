@@ -2,7 +2,7 @@
 //! turn what it changed into a layer.
 //!
 //! The step's root is the stage's layers stacked as overlay lowers (each unpacked once into
-//! the snapshot store, see [`super::snapshots`]), the command runs on top, and the overlay
+//! the snapshot store, see [`lowers`]), the command runs on top, and the overlay
 //! upper (whiteouts and opaque directories included) becomes the layer. The cache key is
 //! computed before running: the parent chain id, the command (heredoc bodies included),
 //! environment, user, working directory, network, the writer settings, and each mount's
@@ -47,18 +47,6 @@ pub(super) struct StageRefs<'a> {
     pub stages: &'a Stages,
     pub index: usize,
     pub done: &'a mut [Option<StageState>],
-}
-
-/// Everything a RUN's mounts resolved to: sandbox mounts, the identities for the cache key,
-/// extra environment (secrets with `env=`), chowns of new cache directories, and the held
-/// cache-directory locks.
-#[derive(Default)]
-struct Resolved {
-    mounts: Vec<Mount>,
-    identity: Vec<String>,
-    env: Vec<(String, String)>,
-    chown: Vec<(PathBuf, u32, u32)>,
-    locks: Vec<MountLock>,
 }
 
 fn field(h: &mut Hasher, b: &[u8]) {
@@ -127,83 +115,104 @@ fn materialize(entries: &[Entry], dest: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A subtree of a stage, image or the context: where it was written and what identifies it.
-struct Source {
-    /// The materialized path of `source` (a directory or file).
-    path: PathBuf,
-    /// What identifies the content (for the cache key and cache-directory names).
-    identity: String,
+/// The stage or image `--mount=from=` names.
+fn from_state<'s>(
+    ctx: &'s mut Ctx,
+    stages: &'s mut StageRefs,
+    f: &str,
+) -> Result<&'s mut StageState, String> {
+    if let Some(j) = super::stage_ref(stages.stages, stages.index, f) {
+        return Ok(stages.done[j]
+            .as_mut()
+            .expect("dependencies are built first"));
+    }
+    if !ctx.images.contains_key(f) {
+        let platform = ctx.opts.platform.clone();
+        let (image, _) = super::stage::load_image(ctx, f, &platform)?;
+        let s = StageState::from_image(&image).map_err(|e| e.to_string())?;
+        ctx.images.insert(f.to_string(), s);
+    }
+    Ok(ctx.images.get_mut(f).expect("inserted above"))
 }
 
-/// Materialize `source` (a path in `from`, or in the build context when `from` is `None`)
-/// into a fresh directory under the build's work directory.
-fn mount_source(
+/// The context's entries under `source` (symlinks resolved) and the resolved path.
+fn context_entries(ctx: &mut Ctx, source: &str) -> Result<(Vec<Entry>, PathBuf), String> {
+    let rel = super::copy::clean(source);
+    let tree = ctx.context_tree().map_err(|e| e.to_string())?;
+    let resolved = tree
+        .resolve(&rel, true)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{source} not found in the build context"))?;
+    let entries = tree.entries_under(&resolved).map_err(|e| e.to_string())?;
+    Ok((entries, resolved))
+}
+
+/// What identifies `source` in `from` (or the context): the content digest of the context
+/// subtree, or the chain id of the stage or image, with the path.
+fn source_identity(
     ctx: &mut Ctx,
     stages: &mut StageRefs,
     from: Option<&str>,
     source: &str,
-) -> Result<Source, String> {
+) -> Result<String, String> {
     let rel = super::copy::clean(source);
-    let dir = tempfile::Builder::new()
-        .prefix("mnt-")
-        .tempdir_in(ctx.work.path())
-        .map_err(|e| e.to_string())?
-        .keep();
-    let (entries, identity, resolved) = match from {
+    match from {
         None => {
-            let context_dir = ctx.context_dir.clone();
-            let tree = ctx.context_tree().map_err(|e| e.to_string())?;
-            let resolved = tree
-                .resolve(&rel, true)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("{source} not found in the build context"))?;
-            let entries = tree.entries_under(&resolved).map_err(|e| e.to_string())?;
+            let (entries, resolved) = context_entries(ctx, source)?;
             let settings = super::cache::WriterSettings {
                 compression: crate::media::Compression::None,
                 level: None,
                 mtime: 0,
                 threads: ctx.opts.threads,
             };
-            let key = {
-                let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
-                super::cache::layer_key(&entries, &settings, &mut stat, context_dir.as_deref())
-                    .map_err(|e| e.to_string())?
-            };
-            (entries, format!("context:{key}"), resolved)
+            let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
+            let key =
+                super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
+                    .map_err(|e| e.to_string())?;
+            Ok(format!("context:{key}:/{}", resolved.display()))
         }
         Some(f) => {
-            let state: &mut StageState = if let Some(j) =
-                super::stage_ref(stages.stages, stages.index, f)
-            {
-                stages.done[j]
-                    .as_mut()
-                    .expect("dependencies are built first")
-            } else {
-                if !ctx.images.contains_key(f) {
-                    let (image, _) = super::stage::load_image(ctx, f, &ctx.opts.platform.clone())?;
-                    let s = StageState::from_image(&image).map_err(|e| e.to_string())?;
-                    ctx.images.insert(f.to_string(), s);
-                }
-                ctx.images.get_mut(f).expect("inserted above")
-            };
+            let state = from_state(ctx, stages, f)?;
+            let diff_ids: Vec<Digest> = state.layers.iter().map(|l| l.diff_id).collect();
+            let chain = crate::image::chain_id(&diff_ids)
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "scratch".into());
+            Ok(format!("{f}@{chain}:/{}", rel.display()))
+        }
+    }
+}
+
+/// Materialize `source` (a path in `from`, or in the build context when `from` is `None`)
+/// into a fresh directory under the build's work directory; returns its path there.
+fn materialize_source(
+    ctx: &mut Ctx,
+    stages: &mut StageRefs,
+    from: Option<&str>,
+    source: &str,
+) -> Result<PathBuf, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("mnt-")
+        .tempdir_in(ctx.work.path())
+        .map_err(|e| e.to_string())?
+        .keep();
+    let (entries, resolved) = match from {
+        None => context_entries(ctx, source)?,
+        Some(f) => {
             let (store, work, remote) = (ctx.store, ctx.work.path().to_path_buf(), ctx.remote);
+            let state = from_state(ctx, stages, f)?;
             let fetch = super::Fetch {
                 store,
                 work: &work,
                 remote,
             };
             state.ensure_tree(&fetch, true).map_err(|e| e.to_string())?;
-            let diff_ids: Vec<Digest> = state.layers.iter().map(|l| l.diff_id).collect();
-            let chain = crate::image::chain_id(&diff_ids)
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "scratch".into());
             let tree = state.tree();
             let resolved = tree
-                .resolve(&rel, true)
+                .resolve(super::copy::clean(source), true)
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("{source} not found in {f}"))?;
             let entries = tree.entries_under(&resolved).map_err(|e| e.to_string())?;
-            (entries, format!("stage:{chain}"), resolved)
+            (entries, resolved)
         }
     };
     materialize(&entries, &dir)?;
@@ -211,44 +220,84 @@ fn mount_source(
     if !path.exists() {
         fs_err::create_dir_all(&path).map_err(|e| e.to_string())?;
     }
-    Ok(Source {
-        path,
-        identity: format!("{identity}:/{}", resolved.display()),
-    })
+    Ok(path)
 }
 
-/// Resolve the RUN's `--mount` flags into sandbox mounts.
-fn resolve_mounts(
+/// A mount whose identity is known; what it needs on disk is made only when the step runs.
+enum Planned {
+    /// Ready as is.
+    Ready(Mount),
+    /// A bind of `source` in `from` (or the context).
+    Bind {
+        target: String,
+        readonly: bool,
+        from: Option<String>,
+        source: String,
+    },
+    /// A cache directory named `name`, seeded from `seed` (from, source) when new.
+    Cache {
+        target: String,
+        readonly: bool,
+        name: String,
+        id: String,
+        sharing: Sharing,
+        mode: u32,
+        owner: (u32, u32),
+        seed: Option<(String, String)>,
+    },
+}
+
+impl Planned {
+    fn target(&self) -> &str {
+        match self {
+            Planned::Ready(Mount::Bind { target, .. })
+            | Planned::Ready(Mount::Tmpfs { target, .. })
+            | Planned::Ready(Mount::Secret { target, .. })
+            | Planned::Bind { target, .. }
+            | Planned::Cache { target, .. } => target,
+        }
+    }
+}
+
+/// The RUN's mounts, planned: identities for the cache key, extra environment (secrets with
+/// `env=`).
+#[derive(Default)]
+struct Plan {
+    mounts: Vec<Planned>,
+    identity: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// Plan the RUN's `--mount` flags (nothing is written or locked yet).
+fn plan_mounts(
     ctx: &mut Ctx,
     stages: &mut StageRefs,
     st: &StageState,
     specs: Vec<RunMount>,
-) -> Result<Resolved, String> {
+) -> Result<Plan, String> {
     let workdir = st.workdir();
-    let mut out = Resolved::default();
-    let mut planned: Vec<(String, Mount)> = Vec::new();
+    let mut out = Plan::default();
     for m in specs {
         match m.kind {
             MountType::Bind => {
                 let target = abs_target(m.target.as_deref().unwrap_or_default(), &workdir)?;
                 let source = m.source.clone().unwrap_or_else(|| "/".into());
-                let src = mount_source(ctx, stages, m.from.as_deref(), &source)?;
+                let identity = source_identity(ctx, stages, m.from.as_deref(), &source)?;
                 out.identity.push(format!(
-                    "bind target={target} ro={} from={}",
-                    m.readonly, src.identity
+                    "bind target={target} ro={} source={identity}",
+                    m.readonly
                 ));
-                planned.push((
-                    target.clone(),
-                    Mount::Bind {
-                        source: src.path,
-                        target,
-                        readonly: m.readonly,
-                    },
-                ));
+                out.mounts.push(Planned::Bind {
+                    target,
+                    readonly: m.readonly,
+                    from: m.from.clone(),
+                    source,
+                });
             }
             MountType::Cache => {
                 let raw_target = m.target.clone().unwrap_or_default();
                 let target = abs_target(&raw_target, &workdir)?;
+                // BuildKit: the id defaults to the cleaned target as written.
                 let id = m.id.clone().unwrap_or_else(|| {
                     let c = super::copy::clean(&raw_target);
                     if raw_target.starts_with('/') {
@@ -263,13 +312,6 @@ fn resolve_mounts(
                     .get("BUILDKIT_CACHE_MOUNT_NS")
                     .cloned()
                     .unwrap_or_default();
-                let from = match &m.from {
-                    Some(f) => {
-                        let source = m.source.clone().unwrap_or_else(|| "/".into());
-                        Some(mount_source(ctx, stages, Some(f), &source)?)
-                    }
-                    None => None,
-                };
                 let (mode, uid, gid) = (
                     m.mode.unwrap_or(0o755),
                     m.uid.unwrap_or(0),
@@ -278,53 +320,41 @@ fn resolve_mounts(
                 // BuildKit keys a cache directory by its id and, when it starts from something
                 // (`from`, or ownership and mode given), by that too.
                 let mut name = format!("{ns}/{id}");
-                if let Some(f) = &from {
-                    name.push_str(&format!(" from={}", f.identity));
-                }
+                let seed = match &m.from {
+                    Some(f) => {
+                        let source = m.source.clone().unwrap_or_else(|| "/".into());
+                        let identity = source_identity(ctx, stages, Some(f), &source)?;
+                        name.push_str(&format!(" from={identity}"));
+                        Some((f.clone(), source))
+                    }
+                    None => None,
+                };
                 if m.mode.is_some() || m.uid.is_some() || m.gid.is_some() {
                     name.push_str(&format!(" mode={mode:o} uid={uid} gid={gid}"));
                 }
-                let sharing = match m.sharing {
-                    Sharing::Shared => crate::store::Sharing::Shared,
-                    Sharing::Private => crate::store::Sharing::Private,
-                    Sharing::Locked => crate::store::Sharing::Locked,
-                };
-                let seed = from.as_ref().map(|f| f.path.clone());
-                let (dir, lock, created) = ctx
-                    .store
-                    .cache_mount(&name, sharing, mode, |fresh| match &seed {
-                        Some(src) => copy_tree(src, fresh),
-                        None => Ok(()),
-                    })
-                    .map_err(|e| format!("cache mount {id:?}: {e}"))?;
-                if created {
-                    out.chown.push((dir.clone(), uid, gid));
-                }
-                out.locks.push(lock);
                 out.identity.push(format!(
                     "cache target={target} ro={} key={name} sharing={:?}",
                     m.readonly, m.sharing
                 ));
-                planned.push((
-                    target.clone(),
-                    Mount::Bind {
-                        source: dir,
-                        target,
-                        readonly: m.readonly,
-                    },
-                ));
+                out.mounts.push(Planned::Cache {
+                    target,
+                    readonly: m.readonly,
+                    name,
+                    id,
+                    sharing: m.sharing,
+                    mode,
+                    owner: (uid, gid),
+                    seed,
+                });
             }
             MountType::Tmpfs => {
                 let target = abs_target(m.target.as_deref().unwrap_or_default(), &workdir)?;
                 out.identity
                     .push(format!("tmpfs target={target} size={:?}", m.size));
-                planned.push((
-                    target.clone(),
-                    Mount::Tmpfs {
-                        target,
-                        size: m.size,
-                    },
-                ));
+                out.mounts.push(Planned::Ready(Mount::Tmpfs {
+                    target,
+                    size: m.size,
+                }));
             }
             MountType::Secret => {
                 let id = m.secret_id();
@@ -357,16 +387,13 @@ fn resolve_mounts(
                     out.env.push((var.clone(), text));
                 }
                 if let Some(target) = target {
-                    planned.push((
-                        target.clone(),
-                        Mount::Secret {
-                            target,
-                            data: SecretBytes(value.0.clone()),
-                            mode,
-                            uid,
-                            gid,
-                        },
-                    ));
+                    out.mounts.push(Planned::Ready(Mount::Secret {
+                        target,
+                        data: SecretBytes(value.0.clone()),
+                        mode,
+                        uid,
+                        gid,
+                    }));
                 }
             }
             MountType::Ssh => {
@@ -375,9 +402,76 @@ fn resolve_mounts(
         }
     }
     // Parents before children, as BuildKit orders mounts.
-    planned.sort_by_key(|(t, _)| t.split('/').filter(|c| !c.is_empty()).count());
-    out.mounts = planned.into_iter().map(|(_, m)| m).collect();
+    out.mounts
+        .sort_by_key(|m| m.target().split('/').filter(|c| !c.is_empty()).count());
     Ok(out)
+}
+
+/// Sandbox mounts, chowns of new cache directories, and the cache-directory locks held.
+type Realized = (Vec<Mount>, Vec<(PathBuf, u32, u32)>, Vec<MountLock>);
+
+/// The sandbox mounts of a plan, with chowns of new cache directories and the held locks.
+fn realize_mounts(
+    ctx: &mut Ctx,
+    stages: &mut StageRefs,
+    planned: Vec<Planned>,
+) -> Result<Realized, String> {
+    let (mut mounts, mut chown, mut locks) = (Vec::new(), Vec::new(), Vec::new());
+    for p in planned {
+        match p {
+            Planned::Ready(m) => mounts.push(m),
+            Planned::Bind {
+                target,
+                readonly,
+                from,
+                source,
+            } => {
+                let path = materialize_source(ctx, stages, from.as_deref(), &source)?;
+                mounts.push(Mount::Bind {
+                    source: path,
+                    target,
+                    readonly,
+                });
+            }
+            Planned::Cache {
+                target,
+                readonly,
+                name,
+                id,
+                sharing,
+                mode,
+                owner,
+                seed,
+            } => {
+                let seed = match seed {
+                    Some((f, source)) => Some(materialize_source(ctx, stages, Some(&f), &source)?),
+                    None => None,
+                };
+                let sharing = match sharing {
+                    Sharing::Shared => crate::store::Sharing::Shared,
+                    Sharing::Private => crate::store::Sharing::Private,
+                    Sharing::Locked => crate::store::Sharing::Locked,
+                };
+                let (dir, lock, created) = ctx
+                    .store
+                    .cache_mount(&name, sharing, mode, |fresh| match &seed {
+                        Some(src) => copy_tree(src, fresh),
+                        None => Ok(()),
+                    })
+                    .map_err(|e| format!("cache mount {id:?}: {e}"))?;
+                if created {
+                    chown.push((dir.clone(), owner.0, owner.1));
+                }
+                locks.push(lock);
+                mounts.push(Mount::Bind {
+                    source: dir,
+                    target,
+                    readonly,
+                });
+            }
+        }
+    }
+    Ok((mounts, chown, locks))
 }
 
 /// Copy the tree at `src` (a directory or file) to `dest` (an existing empty directory).
@@ -398,11 +492,7 @@ type Script = (String, Vec<u8>);
 
 /// The command's argv, with heredocs handled as BuildKit does (see the module docs), and the
 /// script mount of a `#!` heredoc.
-fn command_argv(
-    ctx: &Ctx,
-    st: &StageState,
-    run: &Run,
-) -> Result<(Vec<String>, Option<Script>), String> {
+fn command_argv(st: &StageState, run: &Run) -> Result<(Vec<String>, Option<Script>), String> {
     let shell = |arg: String| {
         let mut v = st.shell_argv();
         v.push(arg);
@@ -418,7 +508,6 @@ fn command_argv(
     let CommandForm::Shell(line) = &run.command else {
         return Err("heredocs need the shell form of RUN".into());
     };
-    let _ = ctx;
     let only = crate::dockerfile::parse_heredoc(line.trim()).ok().flatten();
     if only.is_some() {
         let first = &run.heredocs[0];
@@ -460,32 +549,9 @@ pub(super) fn run_step(
         Some("none") => Network::None,
         Some(other) => return Err(format!("unknown RUN --network={other} (none or host)")),
     };
-    let (argv, script) = command_argv(ctx, st, run)?;
+    let (argv, script) = command_argv(st, run)?;
     let cwd = st.workdir();
-    let mut resolved = resolve_mounts(ctx, &mut stages, st, mounts)?;
-    let script_dir = match &script {
-        Some((name, body)) => {
-            let dir = tempfile::Builder::new()
-                .prefix("pipes-")
-                .tempdir_in(ctx.work.path())
-                .map_err(|e| e.to_string())?
-                .keep();
-            let file = dir.join(name);
-            fs_err::write(&file, body).map_err(|e| e.to_string())?;
-            fs_err::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| e.to_string())?;
-            resolved.mounts.insert(
-                0,
-                Mount::Bind {
-                    source: dir.clone(),
-                    target: PIPES.into(),
-                    readonly: true,
-                },
-            );
-            Some(dir)
-        }
-        None => None,
-    };
+    let mut plan = plan_mounts(ctx, &mut stages, st, mounts)?;
 
     // The cache key: what the step's result depends on, known before running it.
     let diff_ids: Vec<Digest> = st.layers.iter().map(|l| l.diff_id).collect();
@@ -511,7 +577,7 @@ pub(super) fn run_step(
     field(&mut h, format!("{}:{}", user.0, user.1).as_bytes());
     field(&mut h, cwd.as_bytes());
     field(&mut h, format!("{network:?}").as_bytes());
-    for m in &resolved.identity {
+    for m in &plan.identity {
         field(&mut h, m.as_bytes());
     }
     field(&mut h, ctx.opts.compression.name().as_bytes());
@@ -533,7 +599,31 @@ pub(super) fn run_step(
     }
 
     // Secrets given as variables reach the command only, never the key or the config.
-    env.append(&mut resolved.env);
+    env.append(&mut plan.env);
+    let (mut mounts, chown, locks) = realize_mounts(ctx, &mut stages, plan.mounts)?;
+    let script_dir = match &script {
+        Some((name, body)) => {
+            let dir = tempfile::Builder::new()
+                .prefix("pipes-")
+                .tempdir_in(ctx.work.path())
+                .map_err(|e| e.to_string())?
+                .keep();
+            let file = dir.join(name);
+            fs_err::write(&file, body).map_err(|e| e.to_string())?;
+            fs_err::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+            mounts.insert(
+                0,
+                Mount::Bind {
+                    source: dir.clone(),
+                    target: PIPES.into(),
+                    readonly: true,
+                },
+            );
+            Some(dir)
+        }
+        None => None,
+    };
     let lower = lowers(ctx, st)?;
     let dir = tempfile::Builder::new()
         .prefix("run-")
@@ -550,11 +640,11 @@ pub(super) fn run_step(
     spec.uid = user.0;
     spec.gid = user.1;
     spec.network = network;
-    spec.mounts = std::mem::take(&mut resolved.mounts);
-    spec.chown = std::mem::take(&mut resolved.chown);
+    spec.mounts = mounts;
+    spec.chown = chown;
     let outcome = Sandbox::new().run(&spec).map_err(|e| e.to_string());
     drop(spec);
-    drop(resolved.locks);
+    drop(locks);
     if let Some(d) = script_dir {
         let _ = std::fs::remove_dir_all(d);
     }

@@ -759,3 +759,117 @@ fn secrets_and_dev_mounts_on_kernel_overlay() {
 fn secrets_and_dev_mounts_on_copy() {
     secret_and_dev_mounts(Some(RootfsKind::Copy));
 }
+
+/// A layer tar built with the `tar` crate: (path, Some(content)) files, (path, None) dirs.
+fn layer_tar(items: &[(&str, Option<&str>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content) in items {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match content {
+            Some(c) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(c.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, path, c.as_bytes()).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(0o755);
+                h.set_cksum();
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Layers unpacked on their own and stacked show what unpacking them in order shows, on every
+/// root mechanism, and a step on top does not turn the lowers' opaque markers into its own.
+#[test]
+fn layer_directories_stack_like_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l0, l1, l2) = (
+        tmp.path().join("l0"),
+        tmp.path().join("l1"),
+        tmp.path().join("l2"),
+    );
+    for d in [&l0, &l1, &l2] {
+        std::fs::create_dir(d).unwrap();
+    }
+    busybox_rootfs(&l0);
+    std::fs::create_dir_all(l0.join("srv/keep")).unwrap();
+    std::fs::write(l0.join("srv/keep/old"), "old").unwrap();
+    std::fs::write(l0.join("srv/gone"), "gone").unwrap();
+    // Layer 1: deletes /etc/removed-file (no parent entry), /srv/gone, makes /srv/keep opaque
+    // with a new file, replaces /var/lib/doomed with a new directory.
+    let t1 = layer_tar(&[
+        ("etc/.wh.removed-file", Some("")),
+        ("srv/", None),
+        ("srv/.wh.gone", Some("")),
+        ("srv/keep/", None),
+        ("srv/keep/.wh..wh..opq", Some("")),
+        ("srv/keep/new", Some("new")),
+        ("var/", None),
+        ("var/lib/", None),
+        ("var/lib/.wh.doomed", Some("")),
+        ("var/lib/doomed/", None),
+        ("var/lib/doomed/fresh", Some("fresh")),
+    ]);
+    unpack_layer_dir(&t1[..], &l1, &[l0.clone()]).unwrap();
+    // Layer 2: a file only.
+    let t2 = layer_tar(&[("srv/", None), ("srv/l2", Some("two"))]);
+    unpack_layer_dir(&t2[..], &l2, &[l1.clone(), l0.clone()]).unwrap();
+    let script = "ls /etc/removed-file 2>&1; ls /srv /srv/keep /var/lib/doomed; \
+                  touch /srv/keep/touched";
+    for kind in [None, Some(RootfsKind::FuseOverlay), Some(RootfsKind::Copy)] {
+        if kind == Some(RootfsKind::FuseOverlay) && find_program("fuse-overlayfs").is_none() {
+            continue;
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let (upper, work) = (run_dir.path().join("u"), run_dir.path().join("w"));
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let mut spec = RunSpec::new(
+            vec![l0.clone(), l1.clone(), l2.clone()],
+            &upper,
+            &work,
+            vec!["sh".into(), "-c".into(), script.into()],
+        );
+        spec.rootfs = kind;
+        let outcome = Sandbox::new().run(&spec).unwrap();
+        let out = output(&outcome);
+        assert!(outcome.success(), "{kind:?}: {out}");
+        assert!(out.contains("No such file"), "{kind:?}: {out}");
+        assert!(
+            out.contains("/srv:\nkeep\nl2\n\n/srv/keep:\nnew\n\n/var/lib/doomed:\nfresh\n"),
+            "{kind:?}: {out}"
+        );
+        let entries: Vec<String> = upper_to_entries(&upper, &outcome.ids)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !entries.iter().any(|p| p.ends_with(".wh..wh..opq")),
+            "{kind:?}: a lower's opaque marker reached the layer: {entries:?}"
+        );
+        assert!(
+            entries.contains(&"srv/keep/touched".to_string()),
+            "{entries:?}"
+        );
+    }
+    // The same stack merged into one directory.
+    let merged = tmp.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    merge_lowers(&[l0, l1, l2], &merged).unwrap();
+    assert!(!merged.join("etc/removed-file").exists());
+    assert!(!merged.join("srv/gone").exists() && !merged.join("srv/keep/old").exists());
+    assert!(merged.join("srv/keep/new").exists() && merged.join("srv/l2").exists());
+    assert!(merged.join("var/lib/doomed/fresh").exists());
+    assert!(!merged.join("var/lib/doomed/a").exists());
+}

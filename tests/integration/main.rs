@@ -18,4 +18,5 @@ mod registry;
 mod relay_copy;
 mod reproducible;
 mod run;
+mod run_mounts;
 mod store;
