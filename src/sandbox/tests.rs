@@ -820,7 +820,7 @@ fn layer_directories_stack_like_the_image() {
         ("var/lib/doomed/", None),
         ("var/lib/doomed/fresh", Some("fresh")),
     ]);
-    unpack_layer_dir(&t1[..], &l1, &[l0.clone()]).unwrap();
+    unpack_layer_dir(&t1[..], &l1, std::slice::from_ref(&l0)).unwrap();
     // Layer 2: a file only.
     let t2 = layer_tar(&[("srv/", None), ("srv/l2", Some("two"))]);
     unpack_layer_dir(&t2[..], &l2, &[l1.clone(), l0.clone()]).unwrap();
