@@ -678,10 +678,7 @@ const MAX_LOWER_BYTES: usize = 3000;
 /// layer's file, a file system without user xattrs) or the stack is too deep — one merged
 /// directory unpacked for this step.
 fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
-    ctx.fetch()
-        .fetch_missing(&st.layers)
-        .map_err(|e| e.to_string())?;
-    match snapshot_stack(ctx, st) {
+    match snapshot_stack(ctx, st)? {
         Ok(stack)
             if stack.iter().map(|p| p.as_os_str().len() + 1).sum::<usize>() <= MAX_LOWER_BYTES =>
         {
@@ -704,6 +701,9 @@ fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
             tracing::warn!("layer snapshots unavailable ({e}); unpacking the stage for this step");
         }
     }
+    ctx.fetch()
+        .fetch_missing(&st.layers)
+        .map_err(|e| e.to_string())?;
     let lower = tempfile::Builder::new()
         .prefix("lower-")
         .tempdir_in(ctx.work.path())
@@ -721,8 +721,11 @@ fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
     Ok(vec![lower])
 }
 
-/// The snapshot directory of every layer of the stage, lowest first, unpacking the missing ones.
-fn snapshot_stack(ctx: &Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
+/// The snapshot directory of every layer of the stage, lowest first, unpacking the missing
+/// ones. Only the blobs of those are fetched: a base whose layers were unpacked by an earlier
+/// build is not downloaded again. The outer error (a failed download) fails the step; the
+/// inner one (a layer that cannot be a snapshot) asks for the merged fallback.
+fn snapshot_stack(ctx: &Ctx, st: &StageState) -> Result<Result<Vec<PathBuf>, String>, String> {
     let mut out: Vec<PathBuf> = Vec::new();
     let mut diff_ids = Vec::new();
     for l in &st.layers {
@@ -731,9 +734,12 @@ fn snapshot_stack(ctx: &Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
         let dir = match ctx.store.snapshot(&chain) {
             Some(d) => d,
             None => {
+                ctx.fetch()
+                    .fetch_missing(std::slice::from_ref(l))
+                    .map_err(|e| e.to_string())?;
                 let below: Vec<PathBuf> = out.iter().rev().cloned().collect();
                 let started = std::time::Instant::now();
-                let d = ctx.store.put_snapshot(&chain, |dest| {
+                let made = ctx.store.put_snapshot(&chain, |dest| {
                     let blob = ctx
                         .store
                         .open_blob(&l.descriptor.digest)
@@ -741,14 +747,18 @@ fn snapshot_stack(ctx: &Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
                     let r = open_decompressed(BufReader::with_capacity(1 << 20, blob))
                         .map_err(|e| e.to_string())?;
                     unpack_layer_dir(r, dest, &below).map_err(|e| e.to_string())
-                })?;
+                });
+                let d = match made {
+                    Ok(d) => d,
+                    Err(e) => return Ok(Err(e)),
+                };
                 tracing::debug!(%chain, elapsed = ?started.elapsed(), "unpacked a layer snapshot");
                 d
             }
         };
         out.push(dir);
     }
-    Ok(out)
+    Ok(Ok(out))
 }
 
 /// The `from=` stages the `--mount` flags of a RUN name (unexpanded), for ordering stages.

@@ -296,3 +296,76 @@ pub(crate) fn prune_run_caches(
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_mount_sharing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let seeded = |d: &Path| fs::write(d.join("seed"), "s");
+        let (a, lock_a, created) = store
+            .cache_mount("id", Sharing::Shared, 0o750, seeded)
+            .unwrap();
+        assert!(created && a.join("seed").is_file());
+        let mode = fs::metadata(&a).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750);
+        // Shared: the same directory, not created again.
+        let (b, _lock_b, created) = store
+            .cache_mount("id", Sharing::Shared, 0o755, |_| Ok(()))
+            .unwrap();
+        assert!(!created);
+        assert_eq!(a, b);
+        // Private while in use: another directory.
+        let (c, _lock_c, created) = store
+            .cache_mount("id", Sharing::Private, 0o755, |_| Ok(()))
+            .unwrap();
+        assert!(created);
+        assert_ne!(a, c);
+        drop((lock_a, _lock_b));
+        // Once free, private gets the first one back.
+        let (d, _lock_d, _) = store
+            .cache_mount("id", Sharing::Private, 0o755, |_| Ok(()))
+            .unwrap();
+        assert_eq!(a, d);
+        assert_eq!(run_caches(&store).mounts.0, 2);
+        prune_run_caches(&store, Some(Duration::from_secs(3600))).unwrap();
+        assert_eq!(run_caches(&store).mounts.0, 2, "recently used ones stay");
+        prune_run_caches(&store, None).unwrap();
+        assert_eq!(run_caches(&store).mounts.0, 0);
+    }
+
+    #[test]
+    fn snapshots_appear_whole_and_the_first_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let chain = Digest::of(b"chain");
+        assert!(store.snapshot(&chain).is_none());
+        let failed = store.put_snapshot(&chain, |d| {
+            fs::write(d.join("half"), "x").unwrap();
+            Err("refused".into())
+        });
+        assert!(failed.is_err() && store.snapshot(&chain).is_none());
+        let first = store
+            .put_snapshot(&chain, |d| {
+                fs::write(d.join("f"), "1").map_err(|e| e.to_string())
+            })
+            .unwrap();
+        let second = store
+            .put_snapshot(&chain, |d| {
+                fs::write(d.join("f"), "2").map_err(|e| e.to_string())
+            })
+            .unwrap();
+        assert_eq!(first, second);
+        assert_eq!(fs::read_to_string(first.join("f")).unwrap(), "1");
+        assert_eq!(store.snapshot(&chain), Some(first));
+        let leftovers: Vec<_> = fs::read_dir(tmp.path().join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

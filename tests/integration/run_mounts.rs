@@ -184,7 +184,8 @@ fn bind_mounts_from_a_stage_and_from_the_context() {
          RUN --mount=type=bind,from=build,source=/out,target=/in cat /in/artifact > /copied\n\
          RUN --mount=type=bind,source=src,target=/src cat /src/hello.txt > /from-context && (touch /src/x 2>/dev/null && echo writable || echo read-only) > /ro\n\
          WORKDIR /w\n\
-         RUN --mount=type=bind,source=src/hello.txt,target=rel/hello,rw echo changed > rel/hello && echo ok > /rw\n",
+         RUN --mount=type=bind,source=src/hello.txt,target=rel/hello,rw echo changed > rel/hello && echo ok > /rw\n\
+         RUN --mount=type=cache,target=/seed,from=build,source=/out cat /seed/artifact > /seeded\n",
     );
     write(&ctx, "src/hello.txt", b"hello from the context\n");
     env.build(&ctx, &["-t", "b1"]);
@@ -193,7 +194,12 @@ fn bind_mounts_from_a_stage_and_from_the_context() {
     assert_eq!(text(&tree, "from-context"), "hello from the context\n");
     assert_eq!(text(&tree, "ro"), "read-only\n");
     assert_eq!(text(&tree, "rw"), "ok\n");
-    for leaked in ["in", "src", "w/rel", "w/rel/hello", "out"] {
+    assert_eq!(
+        text(&tree, "seeded"),
+        "built\n",
+        "a cache mount seeded from a stage"
+    );
+    for leaked in ["in", "src", "w/rel", "w/rel/hello", "out", "seed"] {
         assert!(!tree.contains_key(leaked), "{leaked} leaked into the layer");
     }
     // A rw bind writes to a throw-away copy.
