@@ -599,7 +599,10 @@ pub(super) fn run_step(
     }
 
     // Secrets given as variables reach the command only, never the key or the config.
-    env.append(&mut plan.env);
+    for (k, v) in plan.env.drain(..) {
+        env.retain(|(e, _)| *e != k);
+        env.push((k, v));
+    }
     let (mut mounts, chown, locks) = realize_mounts(ctx, &mut stages, plan.mounts)?;
     let script_dir = match &script {
         Some((name, body)) => {
@@ -668,9 +671,10 @@ pub(super) fn run_step(
         .map_err(|e| e.to_string())
 }
 
-/// Most lower directories stacked in one overlay: the kernel takes the mount options in one
-/// page, so a stack whose paths do not fit is merged into one directory instead.
-const MAX_LOWER_BYTES: usize = 3000;
+/// Most snapshot directories stacked in one overlay: the kernel takes the mount options in one
+/// page (the sandbox passes deep stacks as `<chain-id>/fs` relative to the snapshot store), so
+/// a deeper stack is merged into one directory instead.
+const MAX_LOWERS: usize = 48;
 
 /// The read-only layer directories of the stage, lowest first: the snapshot store's
 /// directories (each layer unpacked once, reused by every step, stage and build on the same
@@ -679,11 +683,7 @@ const MAX_LOWER_BYTES: usize = 3000;
 /// directory unpacked for this step.
 fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
     match snapshot_stack(ctx, st)? {
-        Ok(stack)
-            if stack.iter().map(|p| p.as_os_str().len() + 1).sum::<usize>() <= MAX_LOWER_BYTES =>
-        {
-            return Ok(stack);
-        }
+        Ok(stack) if stack.len() <= MAX_LOWERS => return Ok(stack),
         Ok(stack) => {
             tracing::debug!(
                 layers = stack.len(),

@@ -126,6 +126,8 @@ pub(super) enum RootfsStep {
     Fuse(Exec),
     /// Bind-mount a prepared directory (the copy-based snapshot).
     Bind(CString),
+    /// `step` with `dir` as the working directory (relative overlay lower paths).
+    InDir { dir: CString, step: Box<RootfsStep> },
 }
 
 /// Everything the child processes need, prepared before forking.
@@ -366,7 +368,14 @@ unsafe fn stage2(plan: &Plan, fds: Fds) -> ! {
             fail(&fds, step::MAKE_PRIVATE);
         }
         run_ops(&plan.pre_ops, step::OPS_BASE, &fds);
-        match &plan.rootfs {
+        let mut rootfs = &plan.rootfs;
+        if let RootfsStep::InDir { dir, step: inner } = rootfs {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                fail(&fds, step::MAKE_PRIVATE);
+            }
+            rootfs = inner;
+        }
+        match rootfs {
             RootfsStep::Overlay { options, fuse } => {
                 let overlay = c"overlay";
                 if libc::mount(
@@ -410,6 +419,7 @@ unsafe fn stage2(plan: &Plan, fds: Fds) -> ! {
                 }
                 record(fds.status_w, TAG_ROOTFS, 2, 0);
             }
+            RootfsStep::InDir { .. } => fail(&fds, step::MAKE_PRIVATE),
         }
         let base = step::OPS_BASE + plan.pre_ops.len() as u32;
         run_ops(&plan.ops, base, &fds);

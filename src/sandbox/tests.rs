@@ -873,3 +873,46 @@ fn layer_directories_stack_like_the_image() {
     assert!(merged.join("var/lib/doomed/fresh").exists());
     assert!(!merged.join("var/lib/doomed/a").exists());
 }
+
+/// A stack of lowers whose absolute paths do not fit in one page of mount options still
+/// mounts (relative to their common directory) on every mechanism.
+#[test]
+fn deep_stacks_of_long_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("s".repeat(120));
+    let mut lowers = Vec::new();
+    for i in 0..45 {
+        let dir = store.join(format!("{:064x}", i)).join("fs");
+        std::fs::create_dir_all(dir.join("layers")).unwrap();
+        std::fs::write(dir.join("layers").join(i.to_string()), "x").unwrap();
+        if i == 0 {
+            busybox_rootfs(&dir);
+        }
+        lowers.push(dir);
+    }
+    let total: usize = lowers.iter().map(|l| l.as_os_str().len()).sum();
+    assert!(total > 4096, "{total}");
+    for kind in [None, Some(RootfsKind::FuseOverlay), Some(RootfsKind::Copy)] {
+        if kind == Some(RootfsKind::FuseOverlay) && find_program("fuse-overlayfs").is_none() {
+            continue;
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let (upper, work) = (run_dir.path().join("u"), run_dir.path().join("w"));
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let mut spec = RunSpec::new(
+            lowers.clone(),
+            &upper,
+            &work,
+            vec!["sh".into(), "-c".into(), "ls /layers | wc -l".into()],
+        );
+        spec.rootfs = kind;
+        let outcome = Sandbox::new().run(&spec).unwrap();
+        let out = output(&outcome);
+        assert!(outcome.success(), "{kind:?}: {out}");
+        assert_eq!(out.trim(), "45", "{kind:?}");
+        if kind.is_none() {
+            assert_eq!(outcome.rootfs, RootfsKind::KernelOverlay);
+        }
+    }
+}
