@@ -122,9 +122,9 @@ fn from_state<'s>(
     f: &str,
 ) -> Result<&'s mut StageState, String> {
     if let Some(j) = super::stage_ref(stages.stages, stages.index, f) {
-        return Ok(stages.done[j]
-            .as_mut()
-            .expect("dependencies are built first"));
+        return stages.done[j].as_mut().ok_or_else(|| {
+            format!("stage {f:?} was not built (a --mount=from naming a stage through a variable)")
+        });
     }
     if !ctx.images.contains_key(f) {
         let platform = ctx.opts.platform.clone();
