@@ -189,10 +189,11 @@ fn materialize_source(
     stages: &mut StageRefs,
     from: Option<&str>,
     source: &str,
+    scratch: &Path,
 ) -> Result<PathBuf, String> {
     let dir = tempfile::Builder::new()
         .prefix("mnt-")
-        .tempdir_in(ctx.work.path())
+        .tempdir_in(scratch)
         .map_err(|e| e.to_string())?
         .keep();
     let (entries, resolved) = match from {
@@ -415,6 +416,7 @@ fn realize_mounts(
     ctx: &mut Ctx,
     stages: &mut StageRefs,
     planned: Vec<Planned>,
+    scratch: &Path,
 ) -> Result<Realized, String> {
     let (mut mounts, mut chown, mut locks) = (Vec::new(), Vec::new(), Vec::new());
     for p in planned {
@@ -426,7 +428,7 @@ fn realize_mounts(
                 from,
                 source,
             } => {
-                let path = materialize_source(ctx, stages, from.as_deref(), &source)?;
+                let path = materialize_source(ctx, stages, from.as_deref(), &source, scratch)?;
                 mounts.push(Mount::Bind {
                     source: path,
                     target,
@@ -444,7 +446,9 @@ fn realize_mounts(
                 seed,
             } => {
                 let seed = match seed {
-                    Some((f, source)) => Some(materialize_source(ctx, stages, Some(&f), &source)?),
+                    Some((f, source)) => {
+                        Some(materialize_source(ctx, stages, Some(&f), &source, scratch)?)
+                    }
                     None => None,
                 };
                 let sharing = match sharing {
@@ -541,7 +545,7 @@ pub(super) fn run_step(
     run: &Run,
     mounts: Vec<RunMount>,
     created_by: &str,
-    mut env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     user: (u32, u32),
 ) -> Result<Descriptor, String> {
     let network = match run.flags.network.as_deref() {
@@ -551,7 +555,7 @@ pub(super) fn run_step(
     };
     let (argv, script) = command_argv(st, run)?;
     let cwd = st.workdir();
-    let mut plan = plan_mounts(ctx, &mut stages, st, mounts)?;
+    let plan = plan_mounts(ctx, &mut stages, st, mounts)?;
 
     // The cache key: what the step's result depends on, known before running it.
     let diff_ids: Vec<Digest> = st.layers.iter().map(|l| l.diff_id).collect();
@@ -598,36 +602,95 @@ pub(super) fn run_step(
             .map_err(|e| e.to_string());
     }
 
+    let scratch = tempfile::Builder::new()
+        .prefix("step-")
+        .tempdir_in(ctx.work.path())
+        .map_err(|e| e.to_string())?
+        .keep();
+    let result = execute(
+        ctx,
+        &mut stages,
+        st,
+        Step {
+            run,
+            plan,
+            argv,
+            script,
+            env,
+            cwd,
+            user,
+            network,
+            key,
+            created_by,
+        },
+        &scratch,
+    );
+    // Bound copies may hold read-only directories: write access is put back before removing.
+    let _ = crate::store::remove_tree(&scratch);
+    result
+}
+
+/// A RUN step whose cache key missed, ready to execute.
+struct Step<'a> {
+    run: &'a Run,
+    plan: Plan,
+    argv: Vec<String>,
+    script: Option<Script>,
+    env: Vec<(String, String)>,
+    cwd: String,
+    user: (u32, u32),
+    network: Network,
+    key: Digest,
+    created_by: &'a str,
+}
+
+/// Execute `step` in `st`, with its temporary files under `scratch`.
+fn execute(
+    ctx: &mut Ctx,
+    stages: &mut StageRefs,
+    st: &mut StageState,
+    step: Step,
+    scratch: &Path,
+) -> Result<Descriptor, String> {
+    let Step {
+        run,
+        mut plan,
+        argv,
+        script,
+        mut env,
+        cwd,
+        user,
+        network,
+        key,
+        created_by,
+    } = step;
+
     // Secrets given as variables reach the command only, never the key or the config.
     for (k, v) in plan.env.drain(..) {
         env.retain(|(e, _)| *e != k);
         env.push((k, v));
     }
-    let (mut mounts, chown, locks) = realize_mounts(ctx, &mut stages, plan.mounts)?;
-    let script_dir = match &script {
-        Some((name, body)) => {
-            let dir = tempfile::Builder::new()
-                .prefix("pipes-")
-                .tempdir_in(ctx.work.path())
-                .map_err(|e| e.to_string())?
-                .keep();
-            let file = dir.join(name);
-            fs_err::write(&file, body).map_err(|e| e.to_string())?;
-            fs_err::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| e.to_string())?;
-            mounts.insert(
-                0,
-                Mount::Bind {
-                    source: dir.clone(),
-                    target: PIPES.into(),
-                    readonly: true,
-                },
-            );
-            Some(dir)
-        }
-        None => None,
-    };
-    let lower = lowers(ctx, st)?;
+    let (mut mounts, chown, locks) = realize_mounts(ctx, stages, plan.mounts, scratch)?;
+    if let Some((name, body)) = &script {
+        let dir = tempfile::Builder::new()
+            .prefix("pipes-")
+            .tempdir_in(scratch)
+            .map_err(|e| e.to_string())?
+            .keep();
+        let file = dir.join(name);
+        fs_err::write(&file, body).map_err(|e| e.to_string())?;
+        fs_err::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        mounts.insert(
+            0,
+            Mount::Bind {
+                source: dir,
+                target: PIPES.into(),
+                readonly: true,
+            },
+        );
+    }
+    let lower = lowers(ctx, st, scratch)?;
     let dir = tempfile::Builder::new()
         .prefix("run-")
         .tempdir_in(ctx.work.path())
@@ -648,9 +711,9 @@ pub(super) fn run_step(
     let outcome = Sandbox::new().run(&spec).map_err(|e| e.to_string());
     drop(spec);
     drop(locks);
-    if let Some(d) = script_dir {
-        let _ = std::fs::remove_dir_all(d);
-    }
+    // The upper stays for the build (the stage's view reads the layer's files from it); the
+    // sandbox's own directories go now (the kernel leaves the overlay work directory mode 000).
+    let _ = crate::store::remove_tree(&work);
     let outcome = outcome?;
     if !outcome.success() {
         let tail = String::from_utf8_lossy(&outcome.output);
@@ -681,7 +744,7 @@ const MAX_LOWERS: usize = 48;
 /// chain), else — when a layer cannot be kept as an overlay lower (a hardlink to a lower
 /// layer's file, a file system without user xattrs) or the stack is too deep — one merged
 /// directory unpacked for this step.
-fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
+fn lowers(ctx: &mut Ctx, st: &StageState, scratch: &Path) -> Result<Vec<PathBuf>, String> {
     match snapshot_stack(ctx, st)? {
         Ok(stack) if stack.len() <= MAX_LOWERS => return Ok(stack),
         Ok(stack) => {
@@ -691,7 +754,7 @@ fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
             );
             let lower = tempfile::Builder::new()
                 .prefix("lower-")
-                .tempdir_in(ctx.work.path())
+                .tempdir_in(scratch)
                 .map_err(|e| e.to_string())?
                 .keep();
             crate::sandbox::merge_lowers(&stack, &lower).map_err(|e| e.to_string())?;
@@ -706,7 +769,7 @@ fn lowers(ctx: &mut Ctx, st: &StageState) -> Result<Vec<PathBuf>, String> {
         .map_err(|e| e.to_string())?;
     let lower = tempfile::Builder::new()
         .prefix("lower-")
-        .tempdir_in(ctx.work.path())
+        .tempdir_in(scratch)
         .map_err(|e| e.to_string())?
         .keep();
     for l in &st.layers {

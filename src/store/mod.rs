@@ -23,7 +23,7 @@ pub use fsck::{FsckReport, fsck};
 pub use gc::{DiskUsage, PruneOptions, PruneReport, disk_usage, prune};
 pub use import::{import_docker_archive, import_oci_archive, import_oci_layout, split_layout_spec};
 pub use lock::Lock;
-pub use mounts::{MountLock, RunCaches, Sharing, run_caches};
+pub use mounts::{MountLock, RunCaches, Sharing, remove_tree, run_caches};
 pub use name::{ImageName, NameError};
 
 use std::collections::BTreeSet;

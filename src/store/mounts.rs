@@ -74,8 +74,9 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
     }
 }
 
-/// Remove a tree even when its directories are read-only.
-pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
+/// Remove a tree even when its directories are read-only (as overlayfs leaves its work
+/// directory).
+pub fn remove_tree(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
