@@ -625,6 +625,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_parse_like_buildx() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tok");
+        std::fs::write(&file, "v4lue").unwrap();
+        let (id, v) = read_secret(&format!("id=tok,src={}", file.display())).unwrap();
+        assert_eq!((id.as_str(), v.0.as_slice()), ("tok", &b"v4lue"[..]));
+        let (_, v) = read_secret(&format!("id=t,type=file,source={}", file.display())).unwrap();
+        assert_eq!(v.0, b"v4lue");
+        let path = std::env::var("PATH").unwrap();
+        let (id, v) = read_secret("id=p,env=PATH").unwrap();
+        assert_eq!((id.as_str(), v.0), ("p", path.clone().into_bytes()));
+        let (_, v) = read_secret("type=env,id=p,src=PATH").unwrap();
+        assert_eq!(v.0, path.clone().into_bytes());
+        // An id alone: the variable of that name when set.
+        let (_, v) = read_secret("id=PATH").unwrap();
+        assert_eq!(v.0, path.into_bytes());
+        assert!(
+            format!("{v:?}").contains("secret bytes"),
+            "Debug hides the value"
+        );
+        for bad in [
+            "src=/x",
+            "id=a,type=ssh",
+            "id=a,bogus=1",
+            "id=a,flag",
+            "id=a,env=STRATA_NO_SUCH_VAR_X",
+        ] {
+            assert!(read_secret(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn outputs_parse_both_syntaxes() {
         assert_eq!(
             parse_output("type=oci,dest=out.tar").unwrap(),
