@@ -171,7 +171,10 @@ pub fn unpack_layer_dir(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]
         inner: tar,
         tx: Some(tx),
     };
-    let unpacked = super::unpack_layer(&mut tee, dest);
+    // Large reads through the tee: the unpacker's small header reads come from this buffer.
+    let mut buffered = io::BufReader::with_capacity(1 << 18, &mut tee);
+    let unpacked = super::unpack_layer(&mut buffered, dest);
+    drop(buffered);
     // Let the scanner see the whole stream (the unpacker may stop at the end-of-archive blocks).
     let drained = unpacked
         .is_ok()
@@ -185,7 +188,6 @@ pub fn unpack_layer_dir(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]
         d.map_err(SandboxError::Tar)?;
     }
     let whiteouts = whiteouts.map_err(SandboxError::Tar)?;
-    // SAFETY: see Path handling below; mknod of a whiteout device.
     for w in whiteouts {
         match w {
             Whiteout::Opaque(dir) => {

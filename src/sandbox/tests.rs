@@ -916,3 +916,23 @@ fn deep_stacks_of_long_paths() {
         }
     }
 }
+
+#[test]
+#[ignore = "timing aid: STRATA_TIMING_BLOB=<gzip layer> cargo test --lib timing_unpack -- --ignored"]
+fn timing_unpack() {
+    let Ok(blob) = std::env::var("STRATA_TIMING_BLOB") else {
+        return;
+    };
+    for diff in [false, true] {
+        let dest = tempfile::tempdir().unwrap();
+        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&blob).unwrap());
+        let r = crate::layer::open_decompressed(f).unwrap();
+        let t = Instant::now();
+        if diff {
+            unpack_layer_dir(r, dest.path(), &[]).unwrap();
+        } else {
+            unpack_layer(r, dest.path()).unwrap();
+        }
+        eprintln!("diff={diff}: {:?}", t.elapsed());
+    }
+}
