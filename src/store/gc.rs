@@ -50,8 +50,11 @@ pub struct DiskUsage {
     pub unreferenced: (usize, u64),
     /// Number of cache entries.
     pub cache_entries: usize,
-    /// Bytes in other directories (git caches, temp files, metadata).
+    /// Bytes in other directories (git caches, temp files, metadata, and the RUN caches
+    /// below).
     pub other: u64,
+    /// RUN's unpacked layer snapshots and cache mounts (counted in `other` too).
+    pub run: super::RunCaches,
 }
 
 fn mtime(path: &std::path::Path) -> SystemTime {
@@ -157,6 +160,7 @@ pub fn disk_usage(store: &Store) -> Result<DiskUsage, StoreError> {
     }
     let total = dir_size(store.root());
     du.other = total.saturating_sub(du.images.1 + du.cache.1 + du.unreferenced.1);
+    du.run = super::run_caches(store);
     Ok(du)
 }
 

@@ -258,7 +258,8 @@ pub fn run_caches(store: &Store) -> RunCaches {
 }
 
 /// Remove snapshots and cache mounts unused for `until` (all when `None`). The caller holds
-/// the garbage-collection lock exclusively. Returns (snapshots, cache mounts) removed.
+/// the garbage-collection lock exclusively. Returns (snapshots, cache mounts) removed; one
+/// that cannot be removed is reported as a warning, not an error.
 pub(crate) fn prune_run_caches(
     store: &Store,
     until: Option<Duration>,
@@ -274,8 +275,10 @@ pub(crate) fn prune_run_caches(
             .file_name()
             .is_some_and(|n| n.as_bytes().starts_with(b".new-"));
         if p.is_dir() && (stale_tmp || old(last_use(&p.join("used")))) {
-            remove_tree(&p)?;
-            removed.0 += 1;
+            match remove_tree(&p) {
+                Ok(()) => removed.0 += 1,
+                Err(e) => tracing::warn!("cannot remove snapshot {}: {e}", p.display()),
+            }
         }
     }
     let mounts = store.root.join("cache/mounts");
@@ -290,9 +293,15 @@ pub(crate) fn prune_run_caches(
             .into_owned();
         let lock = mounts.join(format!("{name}.lock"));
         if name.starts_with(".new-") || old(last_use(&lock)) {
-            remove_tree(&p)?;
-            let _ = std::fs::remove_file(&lock);
-            removed.1 += 1;
+            // A rootless build with subordinate ids may have left files the caller cannot
+            // delete (owned by a mapped id): say so and go on.
+            match remove_tree(&p) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&lock);
+                    removed.1 += 1;
+                }
+                Err(e) => tracing::warn!("cannot remove cache mount {}: {e}", p.display()),
+            }
         }
     }
     Ok(removed)
