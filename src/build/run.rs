@@ -803,13 +803,15 @@ fn snapshot_stack(ctx: &Ctx, st: &StageState) -> Result<Result<Vec<PathBuf>, Str
                 let below: Vec<PathBuf> = out.iter().rev().cloned().collect();
                 let started = std::time::Instant::now();
                 let made = ctx.store.put_snapshot(&chain, |dest| {
-                    let blob = ctx
-                        .store
-                        .open_blob(&l.descriptor.digest)
-                        .map_err(|e| e.to_string())?;
-                    let r = open_decompressed(BufReader::with_capacity(1 << 20, blob))
-                        .map_err(|e| e.to_string())?;
-                    unpack_layer_dir(r, dest, &below).map_err(|e| e.to_string())
+                    let open = || {
+                        let blob = ctx
+                            .store
+                            .open_blob(&l.descriptor.digest)
+                            .map_err(std::io::Error::other)?;
+                        open_decompressed(BufReader::with_capacity(1 << 20, blob))
+                            .map_err(std::io::Error::other)
+                    };
+                    unpack_layer_dir(open, dest, &below).map_err(|e| e.to_string())
                 });
                 let d = match made {
                     Ok(d) => d,

@@ -70,8 +70,10 @@ enum Whiteout {
     Opaque(PathBuf),
 }
 
-fn scan(r: impl Read) -> io::Result<Vec<Whiteout>> {
+/// The whiteouts of a layer tar, and the parent directories of its entries.
+fn scan(r: impl Read) -> io::Result<(Vec<Whiteout>, Vec<PathBuf>)> {
     let mut out = Vec::new();
+    let mut parents: Vec<PathBuf> = Vec::new();
     let mut archive = tar::Archive::new(r);
     for entry in archive.entries()? {
         let entry = entry?;
@@ -85,6 +87,9 @@ fn scan(r: impl Read) -> io::Result<Vec<Whiteout>> {
             continue;
         };
         let parent = clean.parent().unwrap_or(Path::new("")).to_path_buf();
+        if !parent.as_os_str().is_empty() && parents.last() != Some(&parent) {
+            parents.push(parent.clone());
+        }
         if name == b".wh..wh..opq" {
             out.push(Whiteout::Opaque(parent));
         } else if let Some(hidden) = name.strip_prefix(b".wh.") {
@@ -93,7 +98,9 @@ fn scan(r: impl Read) -> io::Result<Vec<Whiteout>> {
             ));
         }
     }
-    Ok(out)
+    parents.sort();
+    parents.dedup();
+    Ok((out, parents))
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
@@ -158,7 +165,53 @@ fn ensure_dirs(dest: &Path, rel: &Path, below_top_first: &[PathBuf]) -> Result<(
 /// Unpack the layer tar `tar` into the empty directory `dest` as an overlay lower directory
 /// (see the module docs); `below_top_first` are the directories of the layers under it, for
 /// the metadata of parent directories a whiteout needs but the layer does not carry.
-pub fn unpack_layer_dir(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]) -> Result<()> {
+///
+/// `open` gives a fresh reader of the uncompressed tar. Layers whose entries lack their parent
+/// directories (some tools write only files) would fail on their own: then the layer is read
+/// once more for its parents, which are made with the metadata the layers below give them
+/// (as unpacking onto the whole image would find them), and unpacked again.
+pub fn unpack_layer_dir<R: Read>(
+    open: impl Fn() -> io::Result<R>,
+    dest: &Path,
+    below_top_first: &[PathBuf],
+) -> Result<()> {
+    match attempt(open()?, dest, below_top_first) {
+        Err(SandboxError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+            tracing::debug!("layer lacks parent directory entries ({e}); making them first");
+            clear(dest)?;
+            let (_, parents) = scan(open()?).map_err(SandboxError::Tar)?;
+            for p in parents {
+                ensure_dirs(dest, &p, below_top_first)?;
+            }
+            attempt(open()?, dest, below_top_first)
+        }
+        other => other,
+    }
+}
+
+/// Empty `dir`, read-only directories included.
+fn clear(dir: &Path) -> Result<()> {
+    for e in walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+    {
+        if e.file_type().is_dir() {
+            let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o700));
+        }
+    }
+    for e in fs_err::read_dir(dir)? {
+        let p = e?.path();
+        if p.symlink_metadata()?.is_dir() {
+            fs_err::remove_dir_all(&p)?;
+        } else {
+            fs_err::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+fn attempt(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]) -> Result<()> {
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(64);
     let scanner = std::thread::spawn(move || {
         scan(ChannelReader {
@@ -187,7 +240,7 @@ pub fn unpack_layer_dir(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]
     if let Some(d) = drained {
         d.map_err(SandboxError::Tar)?;
     }
-    let whiteouts = whiteouts.map_err(SandboxError::Tar)?;
+    let (whiteouts, _) = whiteouts.map_err(SandboxError::Tar)?;
     for w in whiteouts {
         match w {
             Whiteout::Opaque(dir) => {
