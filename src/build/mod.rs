@@ -79,6 +79,10 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// `--no-cache-filter`: stages whose layers are built again.
     pub no_cache_filter: Vec<String>,
+    /// `--secret` values by id, for `RUN --mount=type=secret`: never written to a layer, the
+    /// cache key, the config or the history ([`crate::sandbox::SecretBytes`] hides them from
+    /// `Debug`).
+    pub secrets: BTreeMap<String, crate::sandbox::SecretBytes>,
 }
 
 /// Progress of a build, for the CLI to render.
@@ -503,6 +507,13 @@ fn needed_stages(stages: &Stages, target: usize, ctx: &Ctx) -> Result<Vec<usize>
                 && let Some(j) = stage_ref(stages, i, from)
             {
                 todo.push(j);
+            }
+            if let Instruction::Run(r) = &step.instruction {
+                for from in run::mount_froms(r) {
+                    if let Some(j) = stage_ref(stages, i, &from) {
+                        todo.push(j);
+                    }
+                }
             }
         }
     }

@@ -72,7 +72,7 @@ impl StageState {
         }
     }
 
-    fn from_image(image: &Image) -> Result<StageState, BuildError> {
+    pub(super) fn from_image(image: &Image) -> Result<StageState, BuildError> {
         let layers = image.layers().map_err(StoreError::from)?;
         let shell = match image.config.extra.get("Shell") {
             Some(Value::Array(a)) => a
@@ -147,7 +147,7 @@ impl StageState {
     }
 
     /// Look a variable up for expansion: ENV wins over ARG, as in Docker.
-    fn lookup(&self, key: &str) -> Option<String> {
+    pub(super) fn lookup(&self, key: &str) -> Option<String> {
         if let Some((_, v)) = self.config.env().into_iter().find(|(k, _)| k == key) {
             return Some(v);
         }
@@ -351,7 +351,11 @@ fn located(ctx: &Ctx, node: &Node, msg: impl std::fmt::Display) -> BuildError {
 /// registry reference. A registry image costs its manifest and config only: layers stay in
 /// the registry until a step needs their files, or a push to another registry needs them.
 /// Names in the local store win unless `--pull` was given.
-fn load_image(ctx: &Ctx, name: &str, platform: &Platform) -> Result<(Image, String), String> {
+pub(super) fn load_image(
+    ctx: &Ctx,
+    name: &str,
+    platform: &Platform,
+) -> Result<(Image, String), String> {
     let store = ctx.store;
     if let Some(rest) = name.strip_prefix("oci:") {
         let (dir, tag) = crate::store::split_layout_spec(rest);
@@ -537,7 +541,17 @@ fn dispatch(
                 u32::try_from(user.1).map_err(|_| err("gid out of range".into()))?,
             );
             let created_by = format!("{} # strata", one_line(&node.original));
-            let d = super::run::run_step(ctx, st, run, &created_by, env, user).map_err(err)?;
+            let mounts = super::run::parse_mounts(run, |w| {
+                dockerfile::expand_word(w, df.escape, |k| st.lookup(k)).map_err(|e| e.to_string())
+            })
+            .map_err(&err)?;
+            let refs = super::run::StageRefs {
+                stages,
+                index: i,
+                done,
+            };
+            let d = super::run::run_step(ctx, refs, st, run, mounts, &created_by, env, user)
+                .map_err(err)?;
             Ok(Some(d))
         }
         Instruction::Arg(args) => {

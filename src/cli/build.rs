@@ -102,6 +102,11 @@ pub struct BuildArgs {
     /// Resolve registry base images again even when the local store has the name.
     #[arg(long)]
     pull: bool,
+    /// A secret for `RUN --mount=type=secret` (buildx syntax): `id=ID,src=FILE`,
+    /// `id=ID,env=VAR`, `type=file|env`, or `id=ID` alone (the variable ID if set, else the
+    /// file ID). Never stored in a layer, the cache, the config or the history; repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
+    secrets: Vec<String>,
     #[command(flatten)]
     registry: super::registry::RegistryArgs,
     /// After `--push`, hand the image to Flux: push a HelmRelease artifact to
@@ -265,6 +270,11 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     });
+    let mut secrets = BTreeMap::new();
+    for spec in &a.secrets {
+        let (id, value) = read_secret(spec)?;
+        secrets.insert(id, value);
+    }
     let opts = BuildOptions {
         context: source.dir,
         context_entries: source.entries,
@@ -287,6 +297,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             .map(|s| s.trim().to_lowercase())
             .filter(|s| !s.is_empty())
             .collect(),
+        secrets,
     };
     let mode = if a.quiet {
         Mode::Quiet
@@ -602,9 +613,92 @@ fn display_name(p: &Path) -> String {
     p.strip_prefix("./").unwrap_or(p).display().to_string()
 }
 
+/// Read one `--secret` as buildx does: CSV fields `id`, `type=file|env`, `src`/`source`,
+/// `env`; with neither a source nor a variable, the variable named like the id if it is set,
+/// else the file named like the id.
+fn read_secret(spec: &str) -> anyhow::Result<(String, crate::sandbox::SecretBytes)> {
+    let (mut id, mut typ, mut src, mut env) = (None, None, None, None);
+    for field in spec.split(',') {
+        let (k, v) = field.split_once('=').ok_or_else(|| {
+            UsageError(format!(
+                "invalid --secret field {field:?}: must be a key=value pair"
+            ))
+        })?;
+        match k.to_ascii_lowercase().as_str() {
+            "id" => id = Some(v.to_string()),
+            "type" if v == "file" || v == "env" => typ = Some(v.to_string()),
+            "type" => return Err(UsageError(format!("unsupported secret type {v:?}")).into()),
+            "src" | "source" => src = Some(v.to_string()),
+            "env" => env = Some(v.to_string()),
+            _ => {
+                return Err(
+                    UsageError(format!("unexpected key {k:?} in --secret {spec:?}")).into(),
+                );
+            }
+        }
+    }
+    if typ.as_deref() == Some("env") && env.is_none() {
+        env = src.take();
+    }
+    let id = id
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| UsageError(format!("--secret {spec:?} needs an id")))?;
+    if src.is_none() && env.is_none() {
+        if std::env::var_os(&id).is_some() {
+            env = Some(id.clone());
+        } else {
+            src = Some(id.clone());
+        }
+    }
+    let bytes = match (env, src) {
+        (Some(var), _) => std::env::var_os(&var)
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "secret {id:?}: environment variable {var} is not set"
+                ))
+            })?
+            .into_encoded_bytes(),
+        (None, Some(path)) => fs_err::read(&path).with_context(|| format!("read secret {id:?}"))?,
+        (None, None) => unreachable!("one of them is set above"),
+    };
+    Ok((id, crate::sandbox::SecretBytes(bytes)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_parse_like_buildx() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tok");
+        std::fs::write(&file, "v4lue").unwrap();
+        let (id, v) = read_secret(&format!("id=tok,src={}", file.display())).unwrap();
+        assert_eq!((id.as_str(), v.0.as_slice()), ("tok", &b"v4lue"[..]));
+        let (_, v) = read_secret(&format!("id=t,type=file,source={}", file.display())).unwrap();
+        assert_eq!(v.0, b"v4lue");
+        let path = std::env::var("PATH").unwrap();
+        let (id, v) = read_secret("id=p,env=PATH").unwrap();
+        assert_eq!((id.as_str(), v.0), ("p", path.clone().into_bytes()));
+        let (_, v) = read_secret("type=env,id=p,src=PATH").unwrap();
+        assert_eq!(v.0, path.clone().into_bytes());
+        // An id alone: the variable of that name when set.
+        let (_, v) = read_secret("id=PATH").unwrap();
+        assert_eq!(v.0, path.into_bytes());
+        assert!(
+            format!("{v:?}").contains("secret bytes"),
+            "Debug hides the value"
+        );
+        for bad in [
+            "src=/x",
+            "id=a,type=ssh",
+            "id=a,bogus=1",
+            "id=a,flag",
+            "id=a,env=STRATA_NO_SUCH_VAR_X",
+        ] {
+            assert!(read_secret(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn outputs_parse_both_syntaxes() {

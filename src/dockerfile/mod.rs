@@ -13,6 +13,7 @@
 //! expands them with [`expand_word`], [`expand_words`] and [`expand_heredoc`].
 
 mod instruction;
+mod mount;
 mod parser;
 mod shell;
 #[cfg(test)]
@@ -21,6 +22,8 @@ mod tests;
 pub use instruction::{
     CommandForm, CopyArgs, Healthcheck, HealthcheckCommand, Instruction, Run, RunFlags,
 };
+pub use mount::{MountType, RunMount, Sharing, parse_mount, parse_ram_size};
+pub(crate) use parser::parse_heredoc;
 pub use parser::{Args, Ast, Heredoc, Node, Pair, parse_ast};
 pub use shell::{expand_heredoc, expand_word, expand_words};
 

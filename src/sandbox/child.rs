@@ -70,6 +70,14 @@ pub(super) enum Op {
         uid: u32,
         gid: u32,
     },
+    /// Create `path` (which must not exist) holding `data`, with this mode and owner.
+    WriteFile {
+        path: CString,
+        data: Vec<u8>,
+        mode: libc::mode_t,
+        uid: u32,
+        gid: u32,
+    },
     /// Bring the loopback interface up (a fresh network namespace has it down).
     LoopbackUp,
 }
@@ -118,6 +126,8 @@ pub(super) enum RootfsStep {
     Fuse(Exec),
     /// Bind-mount a prepared directory (the copy-based snapshot).
     Bind(CString),
+    /// `step` with `dir` as the working directory (relative overlay lower paths).
+    InDir { dir: CString, step: Box<RootfsStep> },
 }
 
 /// Everything the child processes need, prepared before forking.
@@ -239,8 +249,44 @@ unsafe fn run_op(op: &Op) -> bool {
             }
             Op::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
             Op::Chown { path, uid, gid } => libc::lchown(path.as_ptr(), *uid, *gid) == 0,
+            Op::WriteFile {
+                path,
+                data,
+                mode,
+                uid,
+                gid,
+            } => write_file(path, data, *mode, *uid, *gid),
             Op::LoopbackUp => loopback_up(),
         }
+    }
+}
+
+unsafe fn write_file(path: &CString, data: &[u8], mode: libc::mode_t, uid: u32, gid: u32) -> bool {
+    // SAFETY: raw calls on a prepared path and buffer; the descriptor is closed on every path.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o600,
+        );
+        if fd < 0 {
+            return false;
+        }
+        let mut off = 0;
+        let mut ok = true;
+        while off < data.len() {
+            let n = libc::write(fd, data[off..].as_ptr().cast(), data.len() - off);
+            if n < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                ok = false;
+                break;
+            }
+            off += n as usize;
+        }
+        ok = ok && libc::fchown(fd, uid, gid) == 0 && libc::fchmod(fd, mode) == 0;
+        libc::close(fd) == 0 && ok
     }
 }
 
@@ -322,7 +368,14 @@ unsafe fn stage2(plan: &Plan, fds: Fds) -> ! {
             fail(&fds, step::MAKE_PRIVATE);
         }
         run_ops(&plan.pre_ops, step::OPS_BASE, &fds);
-        match &plan.rootfs {
+        let mut rootfs = &plan.rootfs;
+        if let RootfsStep::InDir { dir, step: inner } = rootfs {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                fail(&fds, step::MAKE_PRIVATE);
+            }
+            rootfs = inner;
+        }
+        match rootfs {
             RootfsStep::Overlay { options, fuse } => {
                 let overlay = c"overlay";
                 if libc::mount(
@@ -366,6 +419,7 @@ unsafe fn stage2(plan: &Plan, fds: Fds) -> ! {
                 }
                 record(fds.status_w, TAG_ROOTFS, 2, 0);
             }
+            RootfsStep::InDir { .. } => fail(&fds, step::MAKE_PRIVATE),
         }
         let base = step::OPS_BASE + plan.pre_ops.len() as u32;
         run_ops(&plan.ops, base, &fds);

@@ -36,6 +36,10 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+fn fs_err_io(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{e} (path: {})", path.display()))
+}
+
 fn remove_any(path: &Path) -> io::Result<()> {
     match path.symlink_metadata() {
         Ok(m) if m.is_dir() => fs_err::remove_dir_all(path),
@@ -114,9 +118,19 @@ pub(super) fn populate(lowers: &[PathBuf], scratch: &Path) -> Result<()> {
             }
         }
     }
-    // Directory modes last, deepest first, so read-only directories could still be filled.
+    // Directory modes last, deepest first, so read-only directories could still be filled;
+    // a higher layer may have deleted a directory a lower one made, and a re-made one takes
+    // the mode of the last layer that set it.
+    let mut done = HashSet::new();
     for (dir, mode) in dir_modes.iter().rev() {
-        fs_err::set_permissions(dir, std::fs::Permissions::from_mode(*mode))?;
+        if !done.insert(dir) {
+            continue;
+        }
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_err_io(dir, e).into()),
+        }
     }
     Ok(())
 }

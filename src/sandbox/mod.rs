@@ -23,6 +23,7 @@ mod copy;
 mod idmap;
 mod plan;
 mod run;
+mod snapshot;
 mod unpack;
 mod upper;
 mod view;
@@ -31,6 +32,7 @@ mod view;
 mod tests;
 
 pub use idmap::{IdMap, IdRange, MapPlan};
+pub use snapshot::{merge_lowers, unpack_layer_dir};
 pub use unpack::unpack_layer;
 pub use upper::upper_to_entries;
 
@@ -151,13 +153,41 @@ pub enum Mount {
         /// Size limit in bytes (the kernel default, half of RAM, when `None`).
         size: Option<u64>,
     },
+    /// A file with `data` at `target`, read-only. The bytes never touch the disk: the sandbox
+    /// writes them into a tmpfs of its own mount namespace and binds the file from there, so
+    /// neither the upper directory nor the host file system ever holds them (`RUN
+    /// --mount=type=secret`).
+    Secret {
+        /// Absolute path inside the container.
+        target: String,
+        /// The content.
+        data: SecretBytes,
+        /// File mode.
+        mode: u32,
+        /// Owner (container uid).
+        uid: u32,
+        /// Group (container gid).
+        gid: u32,
+    },
 }
 
 impl Mount {
     fn target(&self) -> &str {
         match self {
-            Mount::Bind { target, .. } | Mount::Tmpfs { target, .. } => target,
+            Mount::Bind { target, .. }
+            | Mount::Tmpfs { target, .. }
+            | Mount::Secret { target, .. } => target,
         }
+    }
+}
+
+/// Secret bytes: compared and cloned like bytes, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} secret bytes>", self.0.len())
     }
 }
 
@@ -195,8 +225,13 @@ pub struct RunSpec {
     pub groups: Vec<u32>,
     /// Network access.
     pub network: Network,
-    /// Extra mounts, applied in order.
+    /// Extra mounts, applied in order. Targets below `/dev` land in the sandbox's own `/dev`
+    /// tmpfs; other missing targets are made in a layer under the upper (never in it).
     pub mounts: Vec<Mount>,
+    /// Host paths (mount sources such as a new cache directory) whose owner is set to these
+    /// container ids inside the user namespace before the mounts, where the ids exist even
+    /// when the caller could not chown to them.
+    pub chown: Vec<(PathBuf, u32, u32)>,
     /// Host name inside the uts namespace.
     pub hostname: String,
     /// Kill the whole sandbox after this long.
@@ -227,6 +262,7 @@ impl RunSpec {
             groups: Vec::new(),
             network: Network::Host,
             mounts: Vec::new(),
+            chown: Vec::new(),
             hostname: "strata".into(),
             timeout: None,
             rootfs: None,

@@ -288,17 +288,38 @@ pub(super) fn mountpoints(
     }
     for m in &spec.mounts {
         let rel = container_rel(m.target(), "mount target")?;
-        let point = match m {
-            Mount::Bind { source, .. } if !fs_err::metadata(source)?.is_dir() => Point::File,
-            _ => Point::Dir,
-        };
-        mp.ensure(&rel, point, false)?;
+        if rel.as_os_str().is_empty() || rel == Path::new("proc") || rel == Path::new("dev") {
+            return Err(SandboxError::InvalidSpec(format!(
+                "mount target {} is reserved",
+                m.target()
+            )));
+        }
+        if rel.starts_with("dev") || rel.starts_with("proc") {
+            // Made inside the sandbox's own /dev (see mount_ops); /proc is refused there.
+            continue;
+        }
+        mp.ensure(&rel, point_of(m)?, false)?;
     }
     Ok((mp.ops, mp.steps, hosts))
 }
 
-/// The mounts stage 2 performs under the assembled root `root`.
-pub(super) fn mount_ops(spec: &RunSpec, root: &Path, hosts: &HostFiles) -> Result<Ops> {
+/// Whether mount `m` needs a directory or a file as its mountpoint.
+fn point_of(m: &Mount) -> Result<Point> {
+    Ok(match m {
+        Mount::Bind { source, .. } if !fs_err::metadata(source)?.is_dir() => Point::File,
+        Mount::Secret { .. } => Point::File,
+        _ => Point::Dir,
+    })
+}
+
+/// The mounts stage 2 performs under the assembled root `root`; `staging` is an empty host
+/// directory where a private tmpfs holds the secrets before they are bound into place.
+pub(super) fn mount_ops(
+    spec: &RunSpec,
+    root: &Path,
+    staging: &Path,
+    hosts: &HostFiles,
+) -> Result<Ops> {
     let mut ops = Ops::default();
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     ops.mount(
@@ -386,17 +407,66 @@ pub(super) fn mount_ops(spec: &RunSpec, root: &Path, hosts: &HostFiles) -> Resul
     for f in hosts {
         ops.bind(&Path::new("/").join(f), &root.join(f), true)?;
     }
-    let mut mounted: Vec<PathBuf> = Vec::new();
-    for m in &spec.mounts {
+    for (path, uid, gid) in &spec.chown {
+        ops.push(
+            format!("chown {} {uid}:{gid}", path.display()),
+            Op::Chown {
+                path: cpath(path)?,
+                uid: *uid,
+                gid: *gid,
+            },
+            false,
+        );
+    }
+    if spec
+        .mounts
+        .iter()
+        .any(|m| matches!(m, Mount::Secret { .. }))
+    {
+        ops.mount(
+            Some(b"tmpfs"),
+            staging,
+            Some("tmpfs"),
+            nosuid_nodev_noexec,
+            Some("mode=700,size=16m"),
+            false,
+        )?;
+    }
+    let mut mounted: Vec<PathBuf> = vec![PathBuf::from("dev")];
+    for (n, m) in spec.mounts.iter().enumerate() {
         let rel = container_rel(m.target(), "mount target")?;
+        if rel.starts_with("proc") {
+            return Err(SandboxError::InvalidSpec(format!(
+                "mount target {} is below /proc",
+                m.target()
+            )));
+        }
         let target = root.join(&rel);
-        // A mountpoint below an earlier mount is not in the skeleton's view: make it there.
-        if mounted.iter().any(|p| rel.starts_with(p)) {
-            let op = match m {
-                Mount::Bind { source, .. } if !fs_err::metadata(source)?.is_dir() => Op::Touch {
+        // A mountpoint below an earlier mount (or /dev) is not in the skeleton's view: make
+        // it, and the directories leading to it, there.
+        if let Some(base) = mounted.iter().find(|p| rel.starts_with(p)) {
+            let mut dir = root.join(base);
+            let below: Vec<_> = rel
+                .strip_prefix(base)
+                .expect("checked")
+                .components()
+                .collect();
+            for c in below.iter().take(below.len().saturating_sub(1)) {
+                dir.push(c);
+                ops.push(
+                    format!("create {}", dir.display()),
+                    Op::Mkdir {
+                        path: cpath(&dir)?,
+                        mode: 0o755,
+                    },
+                    false,
+                );
+            }
+            let op = match point_of(m)? {
+                Point::File => Op::Touch {
                     path: cpath(&target)?,
                 },
-                _ => Op::Mkdir {
+                Point::Dir => Op::Mkdir {
                     path: cpath(&target)?,
                     mode: 0o755,
                 },
@@ -404,6 +474,31 @@ pub(super) fn mount_ops(spec: &RunSpec, root: &Path, hosts: &HostFiles) -> Resul
             ops.push(format!("create {}", target.display()), op, false);
         }
         match m {
+            Mount::Secret {
+                data,
+                mode,
+                uid,
+                gid,
+                ..
+            } => {
+                let file = staging.join(format!("secret-{n}"));
+                ops.push(
+                    format!("write secret for {}", m.target()),
+                    Op::WriteFile {
+                        path: cpath(&file)?,
+                        data: data.0.clone(),
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                    },
+                    false,
+                );
+                let src = file.as_os_str().as_bytes();
+                ops.mount(Some(src), &target, None, libc::MS_BIND, None, false)?;
+                let flags =
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid_nodev_noexec;
+                ops.mount(None, &target, None, flags, None, false)?;
+            }
             Mount::Bind {
                 source, readonly, ..
             } => ops.bind(source, &target, *readonly)?,

@@ -22,6 +22,7 @@ struct WorkDirs {
     skel: PathBuf,
     empty: PathBuf,
     scratch: PathBuf,
+    secrets: PathBuf,
 }
 
 impl WorkDirs {
@@ -32,6 +33,7 @@ impl WorkDirs {
             skel: work.join("skel"),
             empty: work.join("empty"),
             scratch: work.join("scratch"),
+            secrets: work.join("secrets"),
         }
     }
 }
@@ -105,13 +107,20 @@ fn run_overlay(
         lowers.push(dirs.empty.clone());
     }
     let (pre, pre_steps, hosts) = mountpoints(spec, &map.map, &dirs.skel, lowers.clone())?;
-    lowers.insert(0, dirs.skel.clone());
+    // The kernel reads mount options from one page: a deep stack of long paths is given
+    // relative to the lowers' common directory, which stage 2 enters before mounting.
+    let absolute: usize = lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
+    let base = (absolute > OPTIONS_BUDGET)
+        .then(|| common_dir(&lowers))
+        .flatten();
     let mut options = b"lowerdir=".to_vec();
-    for (i, l) in lowers.iter().enumerate() {
-        if i > 0 {
-            options.push(b':');
+    options.extend(overlay_escape(&dirs.skel));
+    for l in &lowers {
+        options.push(b':');
+        match &base {
+            Some(b) => options.extend(overlay_escape(l.strip_prefix(b).expect("common prefix"))),
+            None => options.extend(overlay_escape(l)),
         }
-        options.extend(overlay_escape(l));
     }
     options.extend(b",upperdir=");
     options.extend(overlay_escape(&spec.upper));
@@ -139,8 +148,29 @@ fn run_overlay(
             fuse,
         },
     };
+    let rootfs = match &base {
+        Some(b) => RootfsStep::InDir {
+            dir: cpath(b)?,
+            step: Box::new(rootfs),
+        },
+        None => rootfs,
+    };
     let outcome = supervise(spec, map, dirs, rootfs, pre, pre_steps, hosts, on_line)?;
     Ok(outcome)
+}
+
+/// Bytes of lower paths given as absolute paths before they are made relative.
+const OPTIONS_BUDGET: usize = 3000;
+
+/// The deepest directory containing every path of `paths` (absolute paths), if it is not `/`.
+fn common_dir(paths: &[PathBuf]) -> Option<PathBuf> {
+    let mut common = paths.first()?.parent()?.to_path_buf();
+    for p in paths {
+        while !p.starts_with(&common) {
+            common = common.parent()?.to_path_buf();
+        }
+    }
+    (common.parent().is_some() && paths.iter().all(|p| p != &common)).then_some(common)
 }
 
 /// Run on a copy of the lowers, then diff the copy into the upper.
@@ -184,7 +214,8 @@ fn supervise(
     hosts: HostFiles,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Option<RunOutcome>> {
-    let ops = mount_ops(spec, &dirs.root, &hosts)?;
+    fs_err::create_dir_all(&dirs.secrets)?;
+    let ops = mount_ops(spec, &dirs.root, &dirs.secrets, &hosts)?;
     steps.extend(ops.steps);
     let rel_cwd = container_rel(&spec.cwd, "working directory")?;
     let mut cwd_dirs = Vec::new();

@@ -685,3 +685,262 @@ fn subordinate_ranges_and_id_conversion() {
         "gid 3000 is not mapped in the user namespace (only 0); add a range for this user to /etc/subgid"
     );
 }
+
+fn secret_and_dev_mounts(kind: Option<RootfsKind>) {
+    let fx = Fixture::new();
+    let script_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        script_dir.path().join("EOF"),
+        "#!/bin/sh\necho from script $0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        script_dir.path().join("EOF"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let mut spec = fx.spec(
+        "cat /run/secrets/tok; ls -ln /run/secrets/tok; \
+         echo x > /run/secrets/tok || echo refused; /dev/pipes/EOF; ls -lnd /c",
+    );
+    spec.rootfs = kind;
+    spec.mounts = vec![
+        Mount::Secret {
+            target: "/run/secrets/tok".into(),
+            data: SecretBytes(b"hunter2\n".to_vec()),
+            mode: 0o400,
+            uid: 0,
+            gid: 0,
+        },
+        Mount::Bind {
+            source: script_dir.path().to_owned(),
+            target: "/dev/pipes".into(),
+            readonly: true,
+        },
+        Mount::Bind {
+            source: cache.path().to_owned(),
+            target: "/c".into(),
+            readonly: false,
+        },
+    ];
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    spec.chown = vec![(cache.path().to_owned(), 0, 0)];
+    let (outcome, entries) = fx.run(&spec);
+    let out = output(&outcome);
+    assert!(out.starts_with("hunter2\n-r--------"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    assert!(out.contains("from script /dev/pipes/EOF"), "{out}");
+    assert!(out.contains("drwx------"), "{out}");
+    assert!(
+        entries.is_empty(),
+        "mount points leaked into the upper: {:?}",
+        entries.keys()
+    );
+    // The secret never touched the host's disk: only the sandbox's tmpfs held it.
+    for e in walkdir::WalkDir::new(fx._tmp.path()).into_iter().flatten() {
+        if e.file_type().is_file() {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            assert!(
+                !bytes.windows(7).any(|w| w == b"hunter2"),
+                "secret found in {}",
+                e.path().display()
+            );
+        }
+    }
+}
+
+#[test]
+fn secrets_and_dev_mounts_on_kernel_overlay() {
+    secret_and_dev_mounts(None);
+}
+
+#[test]
+fn secrets_and_dev_mounts_on_copy() {
+    secret_and_dev_mounts(Some(RootfsKind::Copy));
+}
+
+/// A layer tar built with the `tar` crate: (path, Some(content)) files, (path, None) dirs.
+fn layer_tar(items: &[(&str, Option<&str>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content) in items {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match content {
+            Some(c) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(c.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, path, c.as_bytes()).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(0o755);
+                h.set_cksum();
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Layers unpacked on their own and stacked show what unpacking them in order shows, on every
+/// root mechanism, and a step on top does not turn the lowers' opaque markers into its own.
+#[test]
+fn layer_directories_stack_like_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (l0, l1, l2) = (
+        tmp.path().join("l0"),
+        tmp.path().join("l1"),
+        tmp.path().join("l2"),
+    );
+    for d in [&l0, &l1, &l2] {
+        std::fs::create_dir(d).unwrap();
+    }
+    busybox_rootfs(&l0);
+    std::fs::create_dir_all(l0.join("srv/keep")).unwrap();
+    std::fs::write(l0.join("srv/keep/old"), "old").unwrap();
+    std::fs::write(l0.join("srv/gone"), "gone").unwrap();
+    // Layer 1: deletes /etc/removed-file (no parent entry), /srv/gone, makes /srv/keep opaque
+    // with a new file, replaces /var/lib/doomed with a new directory.
+    let t1 = layer_tar(&[
+        ("etc/.wh.removed-file", Some("")),
+        ("srv/", None),
+        ("srv/.wh.gone", Some("")),
+        ("srv/keep/", None),
+        ("srv/keep/.wh..wh..opq", Some("")),
+        ("srv/keep/new", Some("new")),
+        ("var/lib/.wh.doomed", Some("")),
+        ("var/lib/doomed/", None),
+        ("var/lib/doomed/fresh", Some("fresh")),
+    ]);
+    std::fs::set_permissions(l0.join("var/lib"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    unpack_layer_dir(|| Ok(&t1[..]), &l1, std::slice::from_ref(&l0)).unwrap();
+    // Parents the layer lacks are made like the lower ones.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&l1.join("var/lib")), 0o750);
+    // Layer 2: a file only, without its parent directory's entry.
+    let t2 = layer_tar(&[("srv/l2", Some("two"))]);
+    unpack_layer_dir(|| Ok(&t2[..]), &l2, &[l1.clone(), l0.clone()]).unwrap();
+    assert_eq!(mode(&l2.join("srv")), 0o755);
+    let script = "ls /etc/removed-file 2>&1; ls /srv /srv/keep /var/lib/doomed; \
+                  touch /srv/keep/touched";
+    for kind in [None, Some(RootfsKind::FuseOverlay), Some(RootfsKind::Copy)] {
+        if kind == Some(RootfsKind::FuseOverlay) && find_program("fuse-overlayfs").is_none() {
+            continue;
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let (upper, work) = (run_dir.path().join("u"), run_dir.path().join("w"));
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let mut spec = RunSpec::new(
+            vec![l0.clone(), l1.clone(), l2.clone()],
+            &upper,
+            &work,
+            vec!["sh".into(), "-c".into(), script.into()],
+        );
+        spec.rootfs = kind;
+        let outcome = Sandbox::new().run(&spec).unwrap();
+        let out = output(&outcome);
+        assert!(outcome.success(), "{kind:?}: {out}");
+        assert!(out.contains("No such file"), "{kind:?}: {out}");
+        assert!(
+            out.contains("/srv:\nkeep\nl2\n\n/srv/keep:\nnew\n\n/var/lib/doomed:\nfresh\n"),
+            "{kind:?}: {out}"
+        );
+        let entries: Vec<String> = upper_to_entries(&upper, &outcome.ids)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !entries.iter().any(|p| p.ends_with(".wh..wh..opq")),
+            "{kind:?}: a lower's opaque marker reached the layer: {entries:?}"
+        );
+        assert!(
+            entries.contains(&"srv/keep/touched".to_string()),
+            "{entries:?}"
+        );
+    }
+    // The same stack merged into one directory.
+    let merged = tmp.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    merge_lowers(&[l0, l1, l2], &merged).unwrap();
+    assert!(!merged.join("etc/removed-file").exists());
+    assert!(!merged.join("srv/gone").exists() && !merged.join("srv/keep/old").exists());
+    assert!(merged.join("srv/keep/new").exists() && merged.join("srv/l2").exists());
+    assert!(merged.join("var/lib/doomed/fresh").exists());
+    assert!(!merged.join("var/lib/doomed/a").exists());
+}
+
+/// A stack of lowers whose absolute paths do not fit in one page of mount options still
+/// mounts (relative to their common directory) on every mechanism.
+#[test]
+fn deep_stacks_of_long_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("s".repeat(120));
+    let mut lowers = Vec::new();
+    for i in 0..45 {
+        let dir = store.join(format!("{:064x}", i)).join("fs");
+        std::fs::create_dir_all(dir.join("layers")).unwrap();
+        std::fs::write(dir.join("layers").join(i.to_string()), "x").unwrap();
+        if i == 0 {
+            busybox_rootfs(&dir);
+        }
+        lowers.push(dir);
+    }
+    let total: usize = lowers.iter().map(|l| l.as_os_str().len()).sum();
+    assert!(total > 4096, "{total}");
+    for kind in [None, Some(RootfsKind::FuseOverlay), Some(RootfsKind::Copy)] {
+        if kind == Some(RootfsKind::FuseOverlay) && find_program("fuse-overlayfs").is_none() {
+            continue;
+        }
+        let run_dir = tempfile::tempdir().unwrap();
+        let (upper, work) = (run_dir.path().join("u"), run_dir.path().join("w"));
+        std::fs::create_dir(&upper).unwrap();
+        std::fs::create_dir(&work).unwrap();
+        let mut spec = RunSpec::new(
+            lowers.clone(),
+            &upper,
+            &work,
+            vec!["sh".into(), "-c".into(), "ls /layers | wc -l".into()],
+        );
+        spec.rootfs = kind;
+        let outcome = Sandbox::new().run(&spec).unwrap();
+        let out = output(&outcome);
+        assert!(outcome.success(), "{kind:?}: {out}");
+        assert_eq!(out.trim(), "45", "{kind:?}");
+        if kind.is_none() {
+            assert_eq!(outcome.rootfs, RootfsKind::KernelOverlay);
+        }
+    }
+}
+
+#[test]
+#[ignore = "timing aid: STRATA_TIMING_BLOB=<gzip layer> cargo test --lib timing_unpack -- --ignored"]
+fn timing_unpack() {
+    let Ok(blob) = std::env::var("STRATA_TIMING_BLOB") else {
+        return;
+    };
+    for diff in [false, true] {
+        let dest = tempfile::tempdir().unwrap();
+        let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&blob).unwrap());
+        let r = crate::layer::open_decompressed(f).unwrap();
+        let t = Instant::now();
+        if diff {
+            let open = || {
+                let f = std::fs::File::open(&blob)?;
+                crate::layer::open_decompressed(std::io::BufReader::with_capacity(1 << 20, f))
+                    .map_err(std::io::Error::other)
+            };
+            unpack_layer_dir(open, dest.path(), &[]).unwrap();
+        } else {
+            unpack_layer(r, dest.path()).unwrap();
+        }
+        eprintln!("diff={diff}: {:?}", t.elapsed());
+    }
+}

@@ -33,6 +33,10 @@ pub struct PruneReport {
     pub cache_entries: usize,
     /// Images removed from `index.json` (names, or digests of untagged ones).
     pub images: Vec<String>,
+    /// RUN snapshots (unpacked layers) removed.
+    pub snapshots: usize,
+    /// RUN cache mounts removed.
+    pub cache_mounts: usize,
 }
 
 /// Bytes by kind.
@@ -46,8 +50,11 @@ pub struct DiskUsage {
     pub unreferenced: (usize, u64),
     /// Number of cache entries.
     pub cache_entries: usize,
-    /// Bytes in other directories (git caches, temp files, metadata).
+    /// Bytes in other directories (git caches, temp files, metadata, and the RUN caches
+    /// below).
     pub other: u64,
+    /// RUN's unpacked layer snapshots and cache mounts (counted in `other` too).
+    pub run: super::RunCaches,
 }
 
 fn mtime(path: &std::path::Path) -> SystemTime {
@@ -153,6 +160,7 @@ pub fn disk_usage(store: &Store) -> Result<DiskUsage, StoreError> {
     }
     let total = dir_size(store.root());
     du.other = total.saturating_sub(du.images.1 + du.cache.1 + du.unreferenced.1);
+    du.run = super::run_caches(store);
     Ok(du)
 }
 
@@ -224,6 +232,8 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, StoreErr
     });
     report.images = broken.into_iter().cloned().collect();
     index.write(store.root())?;
+    // Unpacked layers and cache mounts are caches; no build runs while we hold gc.lock.
+    (report.snapshots, report.cache_mounts) = super::mounts::prune_run_caches(store, opts.until)?;
     // Temp files of interrupted writes, an hour old (a running writer holds younger ones).
     for e in fs::read_dir(store.root().join("tmp"))? {
         let e = e?;

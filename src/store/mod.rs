@@ -14,6 +14,7 @@ mod fsck;
 mod gc;
 mod import;
 mod lock;
+mod mounts;
 mod name;
 
 pub use cache::{CachedLayer, StatCache};
@@ -22,6 +23,7 @@ pub use fsck::{FsckReport, fsck};
 pub use gc::{DiskUsage, PruneOptions, PruneReport, disk_usage, prune};
 pub use import::{import_docker_archive, import_oci_archive, import_oci_layout, split_layout_spec};
 pub use lock::Lock;
+pub use mounts::{MountLock, RunCaches, Sharing, remove_tree, run_caches};
 pub use name::{ImageName, NameError};
 
 use std::collections::BTreeSet;

@@ -22,4 +22,5 @@ mod relay_copy;
 mod reproducible;
 mod run;
 mod run_compat;
+mod run_mounts;
 mod store;
