@@ -39,6 +39,9 @@ pub enum Error {
     /// A build failed.
     #[error(transparent)]
     Build(#[from] crate::build::BuildError),
+    /// The publish backend failed.
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
     /// An I/O error (fs-err errors name their path).
     #[error(transparent)]
     Io(#[from] std::io::Error),

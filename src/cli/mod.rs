@@ -5,6 +5,7 @@ mod build;
 mod images;
 mod progress;
 mod registry;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     Tags(registry::TagsArgs),
     /// Delete a manifest from a registry.
     Delete(registry::DeleteArgs),
+    /// Run the publish backend: a build queue behind a JSON API.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// An error that is the user's fault in how strata was called (exit status 2).
@@ -122,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Copy(a) => registry::copy(a),
         Command::Tags(a) => registry::tags(a),
         Command::Delete(a) => registry::delete(a),
+        Command::Serve(a) => serve::run(*a),
     };
     match result {
         Ok(code) => code,
