@@ -4,6 +4,7 @@
 
 mod common;
 mod git_server;
+mod serve_support;
 
 mod auth;
 mod build;
@@ -18,4 +19,5 @@ mod registry;
 mod relay_copy;
 mod reproducible;
 mod run;
+mod serve;
 mod store;

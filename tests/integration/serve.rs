@@ -1,0 +1,574 @@
+//! `strata serve` end to end on real parts: an Altinn-shaped app repository served by
+//! `git http-backend`, the CNCF registry, the binary on a loopback port. Publish → events →
+//! image in the registry; auth and validation; delete and cancel; kill -9 durability; the
+//! Gitea webhook; PostgreSQL replicas.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+use crate::git_server::{Auth, GitServer};
+use crate::registry::Registry;
+use crate::serve_support::*;
+
+const GIT_TOKEN: &str = "gitea-token-3f9a1c";
+
+fn publish(repo: &str, image: &str) -> Value {
+    json!({
+        "repository": repo, "ref": "main", "context": "", "dockerfile": "Dockerfile",
+        "image": image, "push": true, "git_token": GIT_TOKEN,
+        "build_args": {}, "labels": {"studio.altinn.app": "ttd/serve-app"},
+    })
+}
+
+#[test]
+fn publish_streams_events_and_pushes_the_image() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let (url, commit) = app_repo(&git, "repos/ttd/serve-app.git", 0);
+    let reg = Registry::anonymous();
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "2"]);
+
+    let image = reg.image("ttd/serve-app:1");
+    let r = serve.req_with(
+        "POST",
+        "/api/v1/builds",
+        &[("Idempotency-Key", "publish-1")],
+        publish(&url, &image).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let created = r.json();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/api/v1/builds/{id}").as_str())
+    );
+    for key in [
+        "state",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "digest",
+        "tags",
+        "error",
+    ] {
+        assert!(created.get(key).is_some(), "{key} missing from {created}");
+    }
+    assert!(
+        !r.body
+            .windows(GIT_TOKEN.len())
+            .any(|w| w == GIT_TOKEN.as_bytes())
+    );
+
+    // The same key is the same build; the same key for another request is refused.
+    let again = serve.req_with(
+        "POST",
+        "/api/v1/builds",
+        &[("Idempotency-Key", "publish-1")],
+        publish(&url, &image).to_string().as_bytes(),
+    );
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["id"], created["id"]);
+    let other = serve.req_with(
+        "POST",
+        "/api/v1/builds",
+        &[("Idempotency-Key", "publish-1")],
+        publish(&url, &reg.image("ttd/serve-app:2"))
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(other.status, 422);
+
+    // A listener that comes late gets the whole log from the start, then the stream ends.
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(b["commit"], commit.as_str());
+    assert_eq!(b["attempts"], 1);
+    assert_eq!(b["tags"], json!([image]));
+    let digest = b["digest"].as_str().expect("digest");
+    assert_eq!(
+        registry_digest(&reg, "ttd/serve-app", "1").as_deref(),
+        Some(digest),
+        "the registry serves the build's digest"
+    );
+
+    let events = serve.events(&id);
+    let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+    for k in [
+        "state",
+        "fetch",
+        "fetched",
+        "step",
+        "step_done",
+        "built",
+        "pushed",
+    ] {
+        assert!(kinds.contains(&k), "no {k} event in {kinds:?}");
+    }
+    let ids: Vec<i64> = events.iter().map(|(n, _, _)| *n).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "ordered, gapless"
+    );
+    let (_, _, last) = events.last().expect("events");
+    assert_eq!(last["state"], "succeeded");
+    assert_eq!(last["digest"], digest);
+    // Resuming after an event id replays only what follows.
+    let resumed = serve.req_with(
+        "GET",
+        &format!("/api/v1/builds/{id}/events"),
+        &[("Last-Event-ID", &(ids.len() as i64 - 2).to_string())],
+        b"",
+    );
+    assert_eq!(parse_sse(&String::from_utf8_lossy(&resumed.body)).len(), 2);
+
+    // The image is the app: App/ in, deployment/ and the Dockerfile out.
+    let puller = Env::new();
+    puller.ok(&["pull", &image]);
+    let tree = puller.unpack(&image, "app");
+    assert!(tree.contains_key("App/Program.cs"), "{:?}", tree.keys());
+    assert!(tree.contains_key("App/config/applicationmetadata.json"));
+    assert!(
+        !tree
+            .keys()
+            .any(|k| k.contains("deployment") || k.contains("Dockerfile"))
+    );
+    let inspect: Value = serde_json::from_str(&puller.ok(&["inspect", &image])).expect("json");
+    let config = &inspect["Config"]["config"];
+    assert_eq!(config["Labels"]["studio.altinn.app"], "ttd/serve-app");
+    assert_eq!(config["User"], "1000:3000");
+    puller.fsck();
+
+    // Listed, filterable; the token is nowhere: not in answers, logs or the database.
+    let list = serve.req("GET", "/api/v1/builds?state=succeeded&limit=10", b"");
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json()["builds"][0]["id"], id.as_str());
+    let queued = serve.req("GET", "/api/v1/builds?state=queued", b"").json();
+    assert_eq!(queued["builds"], json!([]));
+    assert!(
+        !list
+            .body
+            .windows(GIT_TOKEN.len())
+            .any(|w| w == GIT_TOKEN.as_bytes())
+    );
+    assert!(!serve.log_text().contains(GIT_TOKEN));
+    let leaks = occurs_in_tree(&env.home().join("serve"), GIT_TOKEN.as_bytes());
+    assert!(leaks.is_empty(), "token in clear in {leaks:?}");
+
+    // Health and metrics.
+    let h = serve.raw("GET", "/healthz", &[], b"");
+    assert_eq!(h.status, 200);
+    let m = serve.req("GET", "/metrics", b"");
+    let text = String::from_utf8_lossy(&m.body).into_owned();
+    assert!(text.contains("strata_serve_queue_depth 0"), "{text}");
+    assert!(
+        text.contains("strata_serve_builds{state=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("strata_serve_build_duration_seconds_count{state=\"succeeded\"} 1"));
+    assert!(text.contains("strata_serve_cache_hit_ratio"));
+
+    drop(serve);
+    env.fsck();
+}
+
+#[test]
+fn unauthenticated_and_hostile_requests_get_clear_4xx() {
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--max-body", "64KiB"]);
+    let good = publish(
+        "https://gitea.example/repos/ttd/app.git",
+        "registry.example/ttd-app:1",
+    );
+
+    // No token, a wrong one, any path: 401 and nothing else.
+    for (method, path) in [
+        ("GET", "/api/v1/builds"),
+        ("POST", "/api/v1/builds"),
+        ("GET", "/api/v1/builds/0123abcd"),
+        ("DELETE", "/api/v1/builds/0123abcd"),
+        ("GET", "/api/v1/builds/0123abcd/events"),
+        ("GET", "/metrics"),
+        ("GET", "/api/v1/nothing-here"),
+    ] {
+        let r = serve.raw(method, path, &[], good.to_string().as_bytes());
+        assert_eq!(r.status, 401, "{method} {path}");
+        assert_eq!(r.json(), json!({"error": "unauthorized"}));
+        let r = serve.raw(method, path, &[("Authorization", "Bearer nope")], b"");
+        assert_eq!(r.status, 401, "{method} {path}");
+    }
+    assert_eq!(
+        serve.req("GET", "/api/v1/builds", b"").json()["builds"],
+        json!([])
+    );
+
+    let post = |body: &[u8]| {
+        let r = serve.req("POST", "/api/v1/builds", body);
+        let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+        (r.status, msg)
+    };
+    let with = |k: &str, v: Value| {
+        let mut b = good.clone();
+        b[k] = v;
+        b.to_string()
+    };
+    for (body, status, needle) in [
+        (b"{not json".to_vec(), 400, "invalid build request"),
+        (b"[]".to_vec(), 400, "invalid build request"),
+        (b"{}".to_vec(), 400, "missing field"),
+        (
+            with("colour", json!("red")).into_bytes(),
+            400,
+            "unknown field",
+        ),
+        (
+            with("context", json!("../../etc")).into_bytes(),
+            400,
+            "must not leave",
+        ),
+        (with("context", json!("/etc")).into_bytes(), 400, "relative"),
+        (
+            with("dockerfile", json!("App/../../x")).into_bytes(),
+            400,
+            "must not leave",
+        ),
+        (
+            with("ref", json!("main..x")).into_bytes(),
+            400,
+            "not a valid",
+        ),
+        (with("ref", json!("")).into_bytes(), 400, "not a valid"),
+        (
+            with("repository", json!("file:///etc/passwd")).into_bytes(),
+            400,
+            "http",
+        ),
+        (
+            with("repository", json!("https://u:p@h/x.git")).into_bytes(),
+            400,
+            "credentials",
+        ),
+        (with("image", json!("Not A Ref")).into_bytes(), 400, "image"),
+        (
+            with("push", json!("yes")).into_bytes(),
+            400,
+            "invalid build request",
+        ),
+        (
+            with("recipe", json!("r.toml")).into_bytes(),
+            400,
+            "not both",
+        ),
+        (with("labels", json!({"": "x"})).into_bytes(), 400, "labels"),
+    ] {
+        let (s, msg) = post(&body);
+        assert_eq!(s, status, "{}: {msg}", String::from_utf8_lossy(&body));
+        assert!(
+            msg.contains(needle),
+            "{}: {msg}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let huge = with("labels", json!({"big": "x".repeat(100 * 1024)}));
+    let (s, msg) = post(huge.as_bytes());
+    assert_eq!((s, msg.as_str()), (413, "request body too large"));
+
+    // Unknown ids, odd ids, bad filters.
+    for path in [
+        "/api/v1/builds/0123456789abcdef",
+        "/api/v1/builds/..%2F..%2Fetc",
+        "/api/v1/builds/0123456789abcdef/events",
+    ] {
+        assert_eq!(serve.req("GET", path, b"").status, 404, "{path}");
+    }
+    assert_eq!(serve.req("DELETE", "/api/v1/builds/ffff", b"").status, 404);
+    for q in [
+        "state=bogus",
+        "limit=0",
+        "limit=x",
+        "cursor=-1",
+        "color=red",
+    ] {
+        let r = serve.req("GET", &format!("/api/v1/builds?{q}"), b"");
+        assert_eq!(r.status, 400, "{q}");
+    }
+    let r = serve.req_with(
+        "POST",
+        "/api/v1/builds",
+        &[("Idempotency-Key", "")],
+        good.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+
+    // Still alive, still empty.
+    assert_eq!(serve.raw("GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(
+        serve.req("GET", "/api/v1/builds", b"").json()["builds"],
+        json!([])
+    );
+}
+
+#[test]
+fn api_needs_a_token_unless_loopback_and_insecure() {
+    let env = Env::new();
+    let out = env
+        .cmd()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("STRATA_SERVE_TOKEN")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs an API token"));
+    let out = env
+        .cmd()
+        .args(["serve", "--listen", "0.0.0.0:0", "--insecure-no-auth"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+/// A build of a repository with `mb` MiB of incompressible media, pushed through a proxy at
+/// `rate` bytes a second.
+fn slow_setup(git: &GitServer, name: &str, mb: usize) -> String {
+    app_repo(git, &format!("repos/ttd/{name}.git"), mb << 20).0
+}
+
+fn wait_event(serve: &Serve, id: &str, kind: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let evs = events_so_far(serve, id);
+        if evs.iter().any(|e| e["type"] == kind) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} event for {id}: {evs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The events stored so far: what an SSE listener gets in its first 700 ms.
+fn events_so_far(serve: &Serve, id: &str) -> Vec<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(serve.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /api/v1/builds/{id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
+}
+
+#[test]
+fn delete_queued_and_cancel_running_builds() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let url = slow_setup(&git, "slow-app", 6);
+    let reg = Registry::anonymous();
+    let slow = Throttle::start(reg.addr(), 256 * 1024);
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "1"]);
+
+    let running = serve.submit(&publish(&url, &slow.image("ttd/slow-app:1")));
+    let queued = serve.submit(&publish(&url, &slow.image("ttd/slow-app:2")));
+    wait_event(&serve, &running, "built", 120);
+    assert_eq!(
+        serve.build(&queued)["state"],
+        "queued",
+        "same app: waits its turn"
+    );
+
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{queued}"), b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "cancelled");
+
+    let asked = Instant::now();
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{running}"), b"");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let b = serve.wait_final(&running, 30);
+    assert_eq!(b["state"], "cancelled", "{b:#}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "stopped promptly"
+    );
+    assert_eq!(b["digest"], Value::Null);
+    assert_eq!(serve.build(&queued)["state"], "cancelled");
+    // Deleting an ended build is a conflict, not a crash.
+    assert_eq!(
+        serve
+            .req("DELETE", &format!("/api/v1/builds/{running}"), b"")
+            .status,
+        409
+    );
+
+    // Nothing tagged: not in the registry, not in the store; no temp files left.
+    slow.set_rate(0);
+    assert!(registry_tags(&reg, "ttd/slow-app").is_empty());
+    let events = serve.events(&running);
+    assert_eq!(events.last().expect("events").2["state"], "cancelled");
+    drop(serve);
+    assert!(env.names().is_empty(), "{:?}", env.names());
+    assert!(
+        tmp_entries(&env.home()).is_empty(),
+        "{:?}",
+        tmp_entries(&env.home())
+    );
+    env.fsck();
+}
+
+#[test]
+fn kill_9_mid_build_requeues_once_and_finishes_exactly_once() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let slow_url = slow_setup(&git, "big-app", 6);
+    let (small_url, _) = app_repo(&git, "repos/ttd/small-app.git", 0);
+    let reg = Registry::anonymous();
+    let slow = Throttle::start(reg.addr(), 256 * 1024);
+    let env = Env::new();
+    let mut serve = Serve::start(&env, &["--workers", "1"]);
+
+    let a = serve.submit(&publish(&slow_url, &slow.image("ttd/big-app:1")));
+    let b = serve.submit(&publish(&small_url, &reg.image("ttd/small-app:1")));
+    let c = serve.submit(&publish(&slow_url, &reg.image("ttd/big-app:2")));
+    wait_event(&serve, &a, "built", 120);
+    serve.kill9();
+
+    slow.set_rate(0);
+    let serve = Serve::start(&env, &["--workers", "2"]);
+    let mut digests = Vec::new();
+    for id in [&a, &b, &c] {
+        let build = serve.wait_final(id, 180);
+        assert_eq!(build["state"], "succeeded", "{build:#}");
+        digests.push(build["digest"].as_str().expect("digest").to_string());
+    }
+    assert_eq!(serve.build(&a)["attempts"], 2, "re-queued once");
+    assert_eq!(serve.build(&b)["attempts"], 1);
+    assert_eq!(serve.build(&c)["attempts"], 1);
+    for id in [&a, &b, &c] {
+        let finals: Vec<Value> = serve
+            .events(id)
+            .into_iter()
+            .map(|(_, _, v)| v)
+            .filter(|v| v["type"] == "state" && v["state"] == "succeeded")
+            .collect();
+        assert_eq!(finals.len(), 1, "{id} finished once: {finals:?}");
+    }
+    let a_events = serve.events(&a);
+    assert!(
+        a_events
+            .iter()
+            .any(|(_, _, v)| v["state"] == "queued" && v["reason"].is_string()),
+        "the re-queue is in the log"
+    );
+    assert_eq!(
+        registry_digest(&reg, "ttd/big-app", "1").as_deref(),
+        Some(digests[0].as_str())
+    );
+    assert_eq!(
+        registry_digest(&reg, "ttd/small-app", "1").as_deref(),
+        Some(digests[1].as_str())
+    );
+    assert_eq!(
+        registry_digest(&reg, "ttd/big-app", "2").as_deref(),
+        Some(digests[2].as_str())
+    );
+    assert_eq!(digests[0], digests[2], "same commit, same image");
+    drop(serve);
+    env.fsck();
+}
+
+#[test]
+fn gitea_webhook_needs_a_valid_signature() {
+    use hmac::{KeyInit, Mac};
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let (url, commit) = app_repo(&git, "repos/ttd/hook-app.git", 0);
+    let reg = Registry::anonymous();
+    let env = Env::new();
+    let hooks = env.path("hooks.toml");
+    std::fs::write(
+        &hooks,
+        format!(
+            "[[repository]]\nrepository = \"ttd/hook-app\"\nbranches = [\"main\"]\nimage = \"{}\"\n",
+            reg.image("ttd/hook-app:{short_commit}")
+        ),
+    )
+    .expect("write hooks");
+    let serve = Serve::start(
+        &env,
+        &[
+            "--hooks",
+            hooks.to_str().expect("utf-8"),
+            "--webhook-secret",
+            "hook-secret",
+            "--webhook-git-token",
+            GIT_TOKEN,
+        ],
+    );
+    let payload = json!({
+        "ref": "refs/heads/main", "before": "0".repeat(40), "after": commit,
+        "repository": {"full_name": "ttd/hook-app", "clone_url": url},
+        "pusher": {"login": "studio"},
+    })
+    .to_string();
+    let sign = |body: &[u8], key: &[u8]| -> String {
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("key");
+        m.update(body);
+        m.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let hook = |headers: &[(&str, &str)], body: &str| {
+        serve.raw("POST", "/api/v1/hooks/gitea", headers, body.as_bytes())
+    };
+    let wrong = sign(payload.as_bytes(), b"other-secret");
+    assert_eq!(hook(&[("X-Gitea-Event", "push")], &payload).status, 401);
+    assert_eq!(hook(&[("X-Gitea-Signature", &wrong)], &payload).status, 401);
+    assert_eq!(hook(&[("X-Gitea-Signature", "zz")], &payload).status, 401);
+    let good = sign(payload.as_bytes(), b"hook-secret");
+    let tampered = payload.replace("ttd/hook-app", "ttd/evil-app");
+    assert_eq!(hook(&[("X-Gitea-Signature", &good)], &tampered).status, 401);
+    assert_eq!(
+        serve.req("GET", "/api/v1/builds", b"").json()["builds"],
+        json!([]),
+        "nothing queued by bad signatures"
+    );
+
+    let headers = [
+        ("X-Gitea-Signature", good.as_str()),
+        ("X-Gitea-Event", "push"),
+        ("X-Gitea-Delivery", "d-1"),
+    ];
+    let r = hook(&headers, &payload);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["builds"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // A redelivery is the same build.
+    let again = hook(&headers, &payload);
+    assert_eq!(again.json()["builds"][0]["id"], id.as_str());
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(b["commit"], commit.as_str());
+    assert!(registry_digest(&reg, "ttd/hook-app", &commit[..12]).is_some());
+    let all = serve.req("GET", "/api/v1/builds", b"").json();
+    assert_eq!(all["builds"].as_array().map(Vec::len), Some(1));
+}
