@@ -572,3 +572,80 @@ fn gitea_webhook_needs_a_valid_signature() {
     let all = serve.req("GET", "/api/v1/builds", b"").json();
     assert_eq!(all["builds"].as_array().map(Vec::len), Some(1));
 }
+
+#[test]
+fn postgres_replicas_run_each_build_exactly_once() {
+    let pg = Postgres::start();
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let repos: Vec<String> = (0..5)
+        .map(|i| app_repo(&git, &format!("repos/ttd/pg-app-{i}.git"), 0).0)
+        .collect();
+    let reg = Registry::anonymous();
+    let key_dir = Env::new();
+    let key = key_dir.path("secret.key");
+    std::fs::write(&key, "ab".repeat(32)).expect("key");
+    let flags = |w: &'static str| {
+        vec![
+            "--database".to_string(),
+            pg.url(),
+            "--secret-key-file".to_string(),
+            key.to_str().expect("utf-8").to_string(),
+            "--workers".to_string(),
+            w.to_string(),
+            "--poll".to_string(),
+            "200ms".to_string(),
+        ]
+    };
+    // Two machines: each its own store, one queue.
+    let (env_a, env_b) = (Env::new(), Env::new());
+    let fa = flags("2");
+    let fb = flags("2");
+    let a = Serve::start(&env_a, &fa.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = Serve::start(&env_b, &fb.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let server = if n % 2 == 0 { &a } else { &b };
+        let repo = &repos[n % repos.len()];
+        let image = reg.image(&format!("ttd/pg-app-{}:{n}", n % repos.len()));
+        ids.push(server.submit(&publish(repo, &image)));
+    }
+    let mut builds = Vec::new();
+    for id in &ids {
+        let build = a.wait_final(id, 240);
+        assert_eq!(build["state"], "succeeded", "{build:#}");
+        assert_eq!(build["attempts"], 1, "{build:#}");
+        builds.push(build);
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let runs = a
+            .events(id)
+            .into_iter()
+            .filter(|(_, _, v)| v["type"] == "state" && v["state"] == "running")
+            .count();
+        assert_eq!(runs, 1, "build {n} ran {runs} times");
+        let tag = n.to_string();
+        let repo = format!("ttd/pg-app-{}", n % repos.len());
+        assert_eq!(
+            registry_digest(&reg, &repo, &tag).as_deref(),
+            builds[n]["digest"].as_str()
+        );
+    }
+    // Builds of one app ran one after another, in order.
+    for r in 0..repos.len() {
+        let mine: Vec<&Value> = builds.iter().skip(r).step_by(repos.len()).collect();
+        for pair in mine.windows(2) {
+            let (prev_end, next_start) = (
+                pair[0]["finished_at"].as_str().expect("finished"),
+                pair[1]["started_at"].as_str().expect("started"),
+            );
+            assert!(prev_end <= next_start, "{prev_end} > {next_start}");
+        }
+    }
+    let started = |s: &Serve| s.log_text().matches("build started").count();
+    let (na, nb) = (started(&a), started(&b));
+    assert_eq!(na + nb, 20, "a ran {na}, b ran {nb}");
+    drop((a, b));
+    env_a.fsck();
+    env_b.fsck();
+}

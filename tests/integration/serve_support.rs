@@ -408,3 +408,93 @@ pub fn occurs_in_tree(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         .map(|e| e.path().to_path_buf())
         .collect()
 }
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A private PostgreSQL cluster in a temp dir on a free loopback port (Debian package
+/// `postgresql`). PostgreSQL refuses to run as root, so as root it runs as `nobody`.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = Path::new(PG_BIN);
+        assert!(
+            bin.join("initdb").is_file(),
+            "{PG_BIN}/initdb is missing: apt-get install postgresql (.ci/run installs it)"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        if is_root() {
+            // SAFETY: chown(2) on a path we created.
+            let c = std::ffi::CString::new(data.to_str().expect("utf-8")).expect("path");
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0, "chown");
+        }
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let as_pg = |tool: &str| {
+            let mut c = if is_root() {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "nobody", "--"]).arg(bin.join(tool));
+                c
+            } else {
+                std::process::Command::new(bin.join(tool))
+            };
+            c.current_dir(dir.path());
+            c
+        };
+        run_ok(
+            as_pg("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&data),
+        );
+        let log = data.join("server.log");
+        run_ok(
+            as_pg("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+                    data.display()
+                ))
+                .args(["-w", "start"]),
+        );
+        Postgres { dir, port }
+    }
+
+    /// The connection string strata takes.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let mut c = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "nobody", "--"])
+                .arg(Path::new(PG_BIN).join("pg_ctl"));
+            c
+        } else {
+            std::process::Command::new(Path::new(PG_BIN).join("pg_ctl"))
+        };
+        let _ = c
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .current_dir(self.dir.path())
+            .output();
+    }
+}

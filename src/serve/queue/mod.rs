@@ -295,3 +295,136 @@ impl Row {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::spec::BuildRequest;
+
+    fn new(id: &str, repo: &str, key: Option<&str>, image: &str) -> NewBuild {
+        let req: BuildRequest = serde_json::from_value(serde_json::json!({
+            "repository": repo, "image": image,
+        }))
+        .expect("request");
+        let (spec, _) = req.validate().expect("valid");
+        NewBuild {
+            id: id.into(),
+            spec,
+            token: None,
+            idempotency_key: key.map(str::to_string),
+            request_hash: image.into(),
+            now_ms: 1,
+        }
+    }
+
+    fn queue() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let q = Queue::Sqlite(SqliteQueue::open(&dir.path().join("q.db")).expect("open"));
+        (dir, q)
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    async fn claim(q: &Queue) -> Option<String> {
+        q.claim("w", 10, 1000)
+            .await
+            .expect("claim")
+            .map(|c| c.build.id)
+    }
+
+    fn done() -> Outcome {
+        Outcome {
+            state: State::Succeeded,
+            digest: Some("sha256:x".into()),
+            tags: vec![],
+            error: None,
+            deploy: None,
+        }
+    }
+
+    #[test]
+    fn one_repository_runs_in_order_others_in_parallel() {
+        let (_d, q) = queue();
+        rt().block_on(async {
+            for (id, repo) in [
+                ("a1", "https://h/o/a.git"),
+                ("a2", "https://H/o/a/"),
+                ("b1", "https://h/o/b"),
+            ] {
+                q.insert(new(id, repo, None, "r.example/x:1"))
+                    .await
+                    .expect("insert");
+            }
+            assert_eq!(claim(&q).await.as_deref(), Some("a1"));
+            assert_eq!(claim(&q).await.as_deref(), Some("b1"), "a2 waits for a1");
+            assert_eq!(claim(&q).await, None);
+            assert!(q.finish("a1", "w", done(), 20).await.expect("finish"));
+            assert!(
+                !q.finish("a1", "w", done(), 20).await.expect("finish"),
+                "once"
+            );
+            assert_eq!(claim(&q).await.as_deref(), Some("a2"));
+        });
+    }
+
+    #[test]
+    fn lost_builds_are_requeued_once_then_failed() {
+        let (_d, q) = queue();
+        rt().block_on(async {
+            q.insert(new("a", "https://h/o/a", None, "r.example/x:1"))
+                .await
+                .expect("insert");
+            claim(&q).await.expect("claimed");
+            assert_eq!(
+                q.recover(100, true).await.expect("recover"),
+                [("a".to_string(), State::Queued)]
+            );
+            claim(&q).await.expect("claimed again");
+            assert_eq!(
+                q.recover(100, true).await.expect("recover"),
+                [("a".to_string(), State::Failed)]
+            );
+            let b = q.get("a").await.expect("get").expect("exists");
+            assert_eq!((b.state, b.attempts), (State::Failed, 2));
+            assert_eq!(b.error.as_deref(), Some(LOST_TWICE));
+            // A lease that has not run out is left alone.
+            q.insert(new("b", "https://h/o/b", None, "r.example/x:1"))
+                .await
+                .expect("insert");
+            claim(&q).await.expect("claimed");
+            assert!(q.recover(500, false).await.expect("recover").is_empty());
+            assert_eq!(q.recover(5000, false).await.expect("recover").len(), 1);
+        });
+    }
+
+    #[test]
+    fn idempotency_keys_and_deletes() {
+        let (_d, q) = queue();
+        rt().block_on(async {
+            let first = q.insert(new("a", "https://h/o/a", Some("k"), "r.example/x:1")).await.expect("insert");
+            assert!(matches!(first, Inserted::New(_)));
+            let again = q.insert(new("b", "https://h/o/a", Some("k"), "r.example/x:1")).await.expect("insert");
+            assert!(matches!(again, Inserted::Existing(b) if b.id == "a"));
+            let other = q.insert(new("c", "https://h/o/a", Some("k"), "r.example/x:2")).await.expect("insert");
+            assert!(matches!(other, Inserted::KeyConflict));
+            q.insert(new("d", "https://h/o/d", None, "r.example/x:1")).await.expect("insert");
+            assert_eq!(claim(&q).await.as_deref(), Some("a"));
+            assert!(matches!(q.delete("d", 5).await.expect("delete"), Deleted::Cancelled(b) if b.state == State::Cancelled));
+            assert!(matches!(q.delete("a", 5).await.expect("delete"), Deleted::Cancelling(_)));
+            assert_eq!(q.heartbeat("a", "w", 99).await.expect("beat"), Beat { owned: true, cancel: true });
+            assert!(!q.heartbeat("a", "other", 99).await.expect("beat").owned);
+            assert!(matches!(q.delete("zz", 5).await.expect("delete"), Deleted::NotFound));
+            assert!(matches!(q.delete("d", 5).await.expect("delete"), Deleted::Finished(_)));
+            let page = q.list(None, 1, None).await.expect("list");
+            assert_eq!(page.builds.len(), 1);
+            let rest = q.list(None, 10, page.next).await.expect("list");
+            assert_eq!(rest.builds.len(), 1);
+            assert_eq!(q.events("d", 0).await.expect("events").len(), 2);
+        });
+    }
+}
