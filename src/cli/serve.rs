@@ -253,11 +253,14 @@ pub(super) fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         std::net::TcpListener::bind(a.listen).with_context(|| format!("listen on {}", a.listen))?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         eprintln!("strata serve: listening on http://{addr}");
         serve::run(config, engine, listener, shutdown()).await
-    })?;
+    });
+    // A build thread that did not stop in time must not hold the process.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -311,6 +311,9 @@ async fn events(
             return None;
         }
         loop {
+            if s.stopping() {
+                return None;
+            }
             let Ok(evs) = s.queue.events(&id, after).await else {
                 return None;
             };

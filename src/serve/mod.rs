@@ -110,9 +110,17 @@ pub(crate) struct Shared {
     pub lease: Duration,
     pub poll: Duration,
     pub max_body: usize,
+    /// Set once the server is shutting down: no more claims, running builds given back.
+    pub stopping: std::sync::atomic::AtomicBool,
+    pub stop: Notify,
 }
 
 impl Shared {
+    /// Whether the server is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Tell event listeners something changed.
     pub fn tick(&self) {
         self.events.send_modify(|n| *n = n.wrapping_add(1));
@@ -168,10 +176,12 @@ pub async fn run(
         lease: config.lease,
         poll: config.poll,
         max_body: config.max_body,
+        stopping: false.into(),
+        stop: Notify::new(),
     });
-    for n in 0..config.workers.max(1) {
-        tokio::spawn(worker::worker(shared.clone(), n));
-    }
+    let workers: Vec<_> = (0..config.workers.max(1))
+        .map(|n| tokio::spawn(worker::worker(shared.clone(), n)))
+        .collect();
     tokio::spawn(maintenance(
         shared.clone(),
         config.retention,
@@ -179,9 +189,35 @@ pub async fn run(
         embedded,
     ));
     let app = api::router(shared.clone());
+    let stopping = shared.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Event streams end within a second of this; workers stop claiming.
+            stopping
+                .stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            stopping.stop.notify_waiters();
+            stopping.tick();
+        })
         .await?;
+    // Running builds stop and go back to the queue without using up an attempt.
+    tracing::info!("shutting down");
+    for c in shared
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+    {
+        c.cancel();
+    }
+    let all = futures_util::future::join_all(workers);
+    if tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("builds did not stop in 30 s; they are re-queued at the next start");
+    }
     Ok(())
 }
 

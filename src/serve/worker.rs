@@ -24,15 +24,17 @@ pub fn now_ms() -> i64 {
 /// Worker `n`: claim, run, repeat.
 pub async fn worker(shared: Arc<Shared>, n: usize) {
     let me = format!("{}/{n}", shared.instance);
-    loop {
+    while !shared.stopping() {
         let lease = shared.lease.as_millis() as i64;
         // Register for a wake-up before looking, so an enqueue in between is not missed.
         let woken = shared.wake.notified();
+        let stop = shared.stop.notified();
         match shared.queue.claim(&me, now_ms(), lease).await {
             Ok(Some(c)) => run_claimed(&shared, &me, c).await,
             Ok(None) => {
                 tokio::select! {
                     () = woken => {}
+                    () = stop => {}
                     () = tokio::time::sleep(shared.poll) => {}
                 }
             }
@@ -128,6 +130,24 @@ async fn run_claimed(shared: &Arc<Shared>, me: &str, c: Claimed) {
     // The job's event sender is gone with it; the pump drains what is left and ends.
     let _ = pump.await;
     let elapsed = started.elapsed();
+    if matches!(result, Err(JobError::Cancelled)) && shared.stopping() {
+        match shared.queue.release(&id, me, now_ms()).await {
+            Ok(true) => {
+                tracing::info!(build = %id, "build given back to the queue");
+                shared
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(build = %id, error = %crate::serve::chain(&e), "giving the build back failed");
+                return;
+            }
+        }
+    }
     let outcome = match &result {
         Ok(r) => Outcome {
             state: State::Succeeded,

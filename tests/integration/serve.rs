@@ -649,3 +649,31 @@ fn postgres_replicas_run_each_build_exactly_once() {
     env_a.fsck();
     env_b.fsck();
 }
+
+#[test]
+fn sigterm_gives_running_builds_back_without_using_an_attempt() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let url = slow_setup(&git, "term-app", 4);
+    let reg = Registry::anonymous();
+    let slow = Throttle::start(reg.addr(), 256 * 1024);
+    let env = Env::new();
+    let mut serve = Serve::start(&env, &["--workers", "1"]);
+    let id = serve.submit(&publish(&url, &slow.image("ttd/term-app:1")));
+    wait_event(&serve, &id, "built", 120);
+    let asked = Instant::now();
+    serve.stop();
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "stopped promptly"
+    );
+    assert!(registry_tags(&reg, "ttd/term-app").is_empty());
+
+    slow.set_rate(0);
+    let serve = Serve::start(&env, &[]);
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(b["attempts"], 1, "a clean stop does not count");
+    assert!(registry_digest(&reg, "ttd/term-app", "1").is_some());
+    drop(serve);
+    env.fsck();
+}

@@ -24,6 +24,9 @@ pub const MAX_ATTEMPTS: i64 = 2;
 /// The reason recorded when a build's worker vanished twice.
 pub const LOST_TWICE: &str = "the server stopped twice while running this build; not retried again";
 
+/// The event recorded when a shutting-down server gives a build back.
+pub(crate) const RELEASED: &str = r#"{"type":"state","state":"queued","reason":"the server running this build is shutting down"}"#;
+
 /// Errors of the queue's database.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -210,6 +213,12 @@ impl Queue {
     ) -> Result<bool, QueueError> {
         let (id, worker) = (id.to_string(), worker.to_string());
         dispatch!(self.finish(id, worker, outcome, now_ms))
+    }
+    /// Give a running build back to the queue without counting the attempt (the server is
+    /// shutting down); false when the worker no longer owned it.
+    pub async fn release(&self, id: &str, worker: &str, now_ms: i64) -> Result<bool, QueueError> {
+        let (id, worker) = (id.to_string(), worker.to_string());
+        dispatch!(self.release(id, worker, now_ms))
     }
     /// Queue again (once) the running builds whose lease ended before `now_ms` (all running
     /// builds when `all`, for an embedded queue at start-up); returns their ids and whether

@@ -9,7 +9,7 @@ use tokio_postgres::{Client, NoTls};
 
 use super::{
     Beat, COLUMNS, Claimed, Deleted, Inserted, LOST_TWICE, MAX_ATTEMPTS, NewBuild, Outcome, Page,
-    QueueError, Row, StoredEvent,
+    QueueError, RELEASED, Row, StoredEvent,
 };
 use crate::serve::spec::{Build, State};
 
@@ -320,6 +320,27 @@ impl PgQueue {
                 ],
             )
             .await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn release(
+        &self,
+        id: String,
+        worker: String,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE builds SET state = 'queued', attempts = attempts - 1, worker = NULL,
+                 lease_ms = NULL, started_ms = NULL
+                 WHERE id = $1 AND worker = $2 AND state = 'running' AND NOT cancel",
+                &[&id, &worker],
+            )
+            .await?;
+        if n == 1 {
+            self.append(&id, RELEASED, now_ms).await?;
+        }
         Ok(n == 1)
     }
 

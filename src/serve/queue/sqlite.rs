@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     Beat, COLUMNS, Claimed, Deleted, Inserted, LOST_TWICE, MAX_ATTEMPTS, NewBuild, Outcome, Page,
-    QueueError, Row, StoredEvent,
+    QueueError, RELEASED, Row, StoredEvent,
 };
 use crate::serve::spec::{Build, State};
 
@@ -322,6 +322,29 @@ impl SqliteQueue {
                     deploy
                 ],
             )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub(super) async fn release(
+        &self,
+        id: String,
+        worker: String,
+        now_ms: i64,
+    ) -> Result<bool, QueueError> {
+        self.with(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE builds SET state = 'queued', attempts = attempts - 1, worker = NULL,
+                 lease_ms = NULL, started_ms = NULL
+                 WHERE id = ?1 AND worker = ?2 AND state = 'running' AND cancel = 0",
+                params![id, worker],
+            )?;
+            if n == 1 {
+                append(&tx, &id, RELEASED, now_ms)?;
+            }
+            tx.commit()?;
             Ok(n == 1)
         })
         .await
