@@ -677,3 +677,107 @@ fn sigterm_gives_running_builds_back_without_using_an_attempt() {
     drop(serve);
     env.fsck();
 }
+
+/// One client's (submit?, latency) per request, and its errors.
+type ClientLog = (Vec<(bool, Duration)>, Vec<String>);
+
+/// 200 API clients listing and submitting at once for `STRATA_SERVE_LOAD_SECS` (default 5)
+/// seconds: no errors. Latencies are printed (and written as Markdown to
+/// `$STRATA_SERVE_LOAD_REPORT` when set); they are measured, never asserted.
+#[test]
+fn two_hundred_clients_list_and_submit_without_errors() {
+    let secs: u64 = std::env::var("STRATA_SERVE_LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "2"]);
+    // Builds of a remote that refuses connections: they fail fast, the API is what is timed.
+    let body = json!({"repository": "http://127.0.0.1:9/ttd/none.git", "ref": "main",
+                      "image": "127.0.0.1:9/ttd/none:1", "push": false})
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let results: Vec<ClientLog> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..200)
+            .map(|c| {
+                let (serve, body) = (&serve, &body);
+                scope.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut errors = Vec::new();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let submit = (n + c).is_multiple_of(4);
+                        let t = Instant::now();
+                        let r = if submit {
+                            crate::registry::http(
+                                serve.addr,
+                                None,
+                                "POST",
+                                "/api/v1/builds",
+                                &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+                                body.as_bytes(),
+                            )
+                        } else {
+                            crate::registry::http(
+                                serve.addr,
+                                None,
+                                "GET",
+                                "/api/v1/builds?limit=20",
+                                &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+                                b"",
+                            )
+                        };
+                        let d = t.elapsed();
+                        match r {
+                            Ok(r) if r.status == if submit { 202 } else { 200 } => {}
+                            Ok(r) => errors.push(format!(
+                                "{}: {}",
+                                r.status,
+                                String::from_utf8_lossy(&r.body)
+                            )),
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                        lat.push((submit, d));
+                        n += 1;
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    let errors: Vec<&String> = results.iter().flat_map(|(_, e)| e).collect();
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let pct = |submit: bool| {
+        let mut v: Vec<Duration> = results
+            .iter()
+            .flat_map(|(l, _)| l)
+            .filter(|(s, _)| *s == submit)
+            .map(|(_, d)| *d)
+            .collect();
+        v.sort();
+        let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+        (v.len(), at(0.5), at(0.99), v[v.len() - 1])
+    };
+    let (ln, l50, l99, lmax) = pct(false);
+    let (sn, s50, s99, smax) = pct(true);
+    let report = format!(
+        "| request | count | p50 | p99 | max |\n|---|---|---|---|---|\n\
+         | GET /api/v1/builds?limit=20 | {ln} | {l50:.1?} | {l99:.1?} | {lmax:.1?} |\n\
+         | POST /api/v1/builds | {sn} | {s50:.1?} | {s99:.1?} | {smax:.1?} |\n\
+         \n200 clients, {secs} s, 0 errors, `--workers 2`, embedded SQLite queue.\n"
+    );
+    eprintln!("{report}");
+    if let Ok(path) = std::env::var("STRATA_SERVE_LOAD_REPORT") {
+        std::fs::write(path, &report).expect("write report");
+    }
+    assert_eq!(serve.raw("GET", "/healthz", &[], b"").status, 200);
+}
