@@ -280,10 +280,12 @@ impl BuildRequest {
                 "git_token is longer than 4096 bytes or has control characters",
             ));
         }
-        if let Some(d) = &self.deploy
-            && !d.is_object()
-        {
-            return Err(invalid("deploy must be an object"));
+        if self.deploy.is_some() {
+            // Refused rather than ignored: a publish must not report success for a hand-off
+            // it did not do.
+            return Err(invalid(
+                "deploy is not supported by this server yet (build and push only)",
+            ));
         }
         let spec = BuildSpec {
             repository: self.repository,

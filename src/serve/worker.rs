@@ -69,7 +69,8 @@ async fn pump(shared: Arc<Shared>, id: String, mut rx: mpsc::UnboundedReceiver<V
 /// Renew the lease until the build ends; pass cancellations on; stop the build if the lease
 /// was lost (another replica re-queued it).
 async fn heartbeat(shared: Arc<Shared>, id: String, me: String, cancel: Arc<Cancel>) {
-    let every = shared.lease / 3;
+    // Often enough that a DELETE sent to another replica stops the build within seconds.
+    let every = (shared.lease / 3).min(Duration::from_secs(2));
     loop {
         tokio::time::sleep(every).await;
         let until = now_ms() + shared.lease.as_millis() as i64;

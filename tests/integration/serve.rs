@@ -257,6 +257,11 @@ fn unauthenticated_and_hostile_requests_get_clear_4xx() {
             "invalid build request",
         ),
         (
+            with("deploy", json!({"flux": {}})).into_bytes(),
+            400,
+            "deploy",
+        ),
+        (
             with("recipe", json!("r.toml")).into_bytes(),
             400,
             "not both",
