@@ -47,11 +47,17 @@ CREATE TABLE IF NOT EXISTS events (
 );
 ";
 
-/// The SQLite queue.
+/// The SQLite queue: one writer connection, and reader connections that WAL lets run
+/// beside it (listing and event streams never wait for a commit's fsync).
 #[derive(Clone)]
 pub struct SqliteQueue {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: Arc<std::path::PathBuf>,
 }
+
+/// Idle reader connections kept open.
+const IDLE_READERS: usize = 8;
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -102,7 +108,37 @@ impl SqliteQueue {
         c.execute_batch(SCHEMA)?;
         Ok(SqliteQueue {
             conn: Arc::new(Mutex::new(c)),
+            readers: Arc::default(),
+            path: Arc::new(path.to_path_buf()),
         })
+    }
+
+    /// Run a read-only `f` on a reader connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let (readers, path) = (self.readers.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let c = match idle {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open(&*path)?;
+                    c.busy_timeout(std::time::Duration::from_secs(10))?;
+                    c.pragma_update(None, "query_only", true)?;
+                    c
+                }
+            };
+            let out = f(&c);
+            let mut idle = readers.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(c);
+            }
+            out
+        })
+        .await
+        .map_err(|e| QueueError::Join(e.to_string()))?
     }
 
     async fn with<T: Send + 'static>(
@@ -160,7 +196,7 @@ impl SqliteQueue {
     }
 
     pub(super) async fn get(&self, id: String) -> Result<Option<Build>, QueueError> {
-        self.with(move |c| get(c, &id)).await
+        self.read(move |c| get(c, &id)).await
     }
 
     pub(super) async fn list(
@@ -169,7 +205,7 @@ impl SqliteQueue {
         limit: i64,
         cursor: Option<i64>,
     ) -> Result<Page, QueueError> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {COLUMNS} FROM builds
                  WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR seq < ?2)
@@ -415,7 +451,7 @@ impl SqliteQueue {
         id: String,
         after: i64,
     ) -> Result<Vec<StoredEvent>, QueueError> {
-        self.with(move |c| {
+        self.read(move |c| {
             let mut stmt = c.prepare(
                 "SELECT n, data FROM events WHERE build_id = ?1 AND n > ?2 ORDER BY n LIMIT 1000",
             )?;
@@ -433,7 +469,7 @@ impl SqliteQueue {
     }
 
     pub(super) async fn counts(&self) -> Result<BTreeMap<State, i64>, QueueError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare("SELECT state, COUNT(*) FROM builds GROUP BY state")?;
             let mut out = BTreeMap::new();
             for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
