@@ -265,35 +265,97 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// A writer that passes everything through to `inner` while a second thread hashes it, so
-/// hashing overlaps with whatever `inner` does (compressing, writing). Chunks travel over a
-/// bounded channel: memory stays bounded.
+/// A buffered writer that passes everything through to `inner` while a second thread hashes
+/// it, so hashing overlaps with whatever `inner` does (compressing, writing).
+///
+/// Bytes gather in 256 KiB chunks; a full chunk is written to `inner`, then handed (moved, not
+/// copied) to the hashing thread, which sends the emptied buffer back for reuse. At most 16
+/// chunks are in flight, so memory stays bounded, and no chunk is allocated twice.
 pub struct ThreadedHashingWriter<W> {
     inner: W,
+    buf: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    back: std::sync::mpsc::Receiver<Vec<u8>>,
     worker: Option<std::thread::JoinHandle<Hasher>>,
 }
+
+/// Bytes per chunk handed to the hashing thread.
+const HASH_CHUNK: usize = 256 * 1024;
 
 impl<W: Write> ThreadedHashingWriter<W> {
     /// Wrap `inner`.
     pub fn new(inner: W) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let (back_tx, back) = std::sync::mpsc::channel::<Vec<u8>>();
         let worker = std::thread::spawn(move || {
             let mut h = Hasher::new();
-            for chunk in rx {
+            for mut chunk in rx {
                 h.update(&chunk);
+                chunk.clear();
+                // The writer may be gone (finishing): the buffer is then simply freed.
+                let _ = back_tx.send(chunk);
             }
             h
         });
         ThreadedHashingWriter {
             inner,
+            buf: Vec::with_capacity(HASH_CHUNK),
             tx: Some(tx),
+            back,
             worker: Some(worker),
         }
     }
 
+    /// Write the buffered bytes to the inner writer and hand them to the hashing thread.
+    pub fn spill(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.inner.write_all(&self.buf)?;
+        let fresh = self
+            .back
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(HASH_CHUNK));
+        let full = std::mem::replace(&mut self.buf, fresh);
+        self.tx
+            .as_ref()
+            .expect("open until finish")
+            .send(full)
+            .map_err(|_| io::Error::other("hashing thread stopped"))
+    }
+
+    /// Copy up to `n` bytes from `r`, reading straight into the chunk buffer (one copy, no
+    /// intermediate buffer). Returns how many bytes were copied (fewer at end of input).
+    pub fn read_from(&mut self, r: &mut impl Read, n: u64) -> io::Result<u64> {
+        let mut copied = 0;
+        while copied < n {
+            if self.buf.len() >= HASH_CHUNK {
+                self.spill()?;
+            }
+            let room = (HASH_CHUNK - self.buf.len()) as u64;
+            let got = r.take(room.min(n - copied)).read_to_end(&mut self.buf)?;
+            if got == 0 {
+                break;
+            }
+            copied += got as u64;
+        }
+        Ok(copied)
+    }
+
+    /// The inner writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The inner writer, mutably. Call [`ThreadedHashingWriter::spill`] first for it to have
+    /// everything written so far; what is written to it directly is not hashed.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
     /// The digest and size of what was written, and the inner writer.
     pub fn finish(mut self) -> io::Result<(Digest, u64, W)> {
+        self.spill()?;
         self.tx = None;
         let h = self
             .worker
@@ -308,14 +370,15 @@ impl<W: Write> ThreadedHashingWriter<W> {
 
 impl<W: Write> Write for ThreadedHashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        if let Some(tx) = &self.tx {
-            tx.send(buf[..n].to_vec())
-                .map_err(|_| io::Error::other("hashing thread stopped"))?;
+        if self.buf.len() >= HASH_CHUNK {
+            self.spill()?;
         }
+        let n = buf.len().min(HASH_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
+        self.spill()?;
         self.inner.flush()
     }
 }
@@ -395,6 +458,32 @@ mod tests {
     use super::*;
 
     const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn threaded_hashing_writer_hashes_and_passes_everything_in_order() {
+        let data: Vec<u8> = (0..(3 * HASH_CHUNK + 12_345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut w = ThreadedHashingWriter::new(Vec::new());
+        // Small writes, a reader copy across chunk edges, spills in between, large writes.
+        w.write_all(&data[..1000]).unwrap();
+        let mut r = &data[1000..HASH_CHUNK + 5000];
+        assert_eq!(
+            w.read_from(&mut r, u64::MAX).unwrap(),
+            (HASH_CHUNK + 4000) as u64
+        );
+        w.spill().unwrap();
+        assert_eq!(w.get_ref().len(), HASH_CHUNK + 5000);
+        let mut r = &data[HASH_CHUNK + 5000..];
+        assert_eq!(w.read_from(&mut r, 10).unwrap(), 10);
+        w.write_all(&data[HASH_CHUNK + 5010..]).unwrap();
+        let (d, len, out) = w.finish().unwrap();
+        assert_eq!(out, data);
+        assert_eq!(len, data.len() as u64);
+        assert_eq!(d, Digest::of(&data));
+        let (d, len, out) = ThreadedHashingWriter::new(Vec::new()).finish().unwrap();
+        assert_eq!((d.to_string().as_str(), len, out.len()), (EMPTY, 0, 0));
+    }
 
     #[test]
     fn parse_and_display_round_trip() {

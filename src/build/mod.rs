@@ -232,6 +232,7 @@ impl Ctx<'_> {
     /// The build context as a tree (walked once, honouring .dockerignore).
     pub fn context_tree(&mut self) -> Result<&FsTree, BuildError> {
         if self.context_tree.is_none() {
+            let started = std::time::Instant::now();
             let mut entries = match &self.opts.context_entries {
                 Some(e) => e.clone(),
                 None => {
@@ -246,6 +247,7 @@ impl Ctx<'_> {
             let mut tree = FsTree::new();
             tree.apply_entries(&entries)?;
             self.context_tree = Some(tree);
+            tracing::debug!(millis = started.elapsed().as_millis(), "context walked");
         }
         Ok(self.context_tree.as_ref().expect("set above"))
     }

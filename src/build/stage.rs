@@ -178,11 +178,13 @@ impl StageState {
             mtime,
             threads: opts.threads,
         };
+        let started = std::time::Instant::now();
         let key = {
             let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
             super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
                 .map_err(StoreError::Io)?
         };
+        tracing::debug!(millis = started.elapsed().as_millis(), "layer key");
         self.add_layer_keyed(ctx, entries, created_by, key)
     }
 
@@ -239,13 +241,35 @@ impl StageState {
                 true,
             ),
             None => {
+                // With the cache on, gzip blocks unchanged since the slot's last build are
+                // copied from its blob rather than compressed again (same bytes either way).
+                let slot = (use_cache && opts.compression == crate::media::Compression::Gzip)
+                    .then(|| self.slot(created_by, opts));
+                let reuse = slot
+                    .as_ref()
+                    .and_then(|s| ctx.store.block_reuse(s))
+                    .map(std::sync::Arc::new);
                 let writer = LayerWriter::new()
                     .compression(opts.compression)
                     .level(opts.compression_level)
                     .mtime(mtime)
-                    .threads(opts.threads);
-                let (stats, blob) = writer.write(entries.clone(), ctx.store.blob_writer()?)?;
+                    .threads(opts.threads)
+                    .block_reuse(slot.is_some(), reuse.clone());
+                let started = std::time::Instant::now();
+                let (stats, blob, records) =
+                    writer.write_recorded(entries.clone(), ctx.store.blob_writer()?)?;
                 let (digest, size) = blob.commit(None)?;
+                let reused = reuse.map_or(0, |r| r.hits());
+                tracing::debug!(
+                    millis = started.elapsed().as_millis(),
+                    %digest,
+                    reused,
+                    blocks = records.len(),
+                    "layer written"
+                );
+                if let Some(slot) = &slot {
+                    ctx.store.put_block_records(slot, &digest, &records)?;
+                }
                 let layer = Layer {
                     descriptor: Descriptor::new(opts.compression.oci_layer_type(), digest, size),
                     diff_id: stats.diff_id,
@@ -280,6 +304,25 @@ impl StageState {
         }
         self.sources.push(LayerSource::Entries(Arc::new(entries)));
         Ok(descriptor)
+    }
+
+    /// Where a layer about to be written on top of this stage's layers by `created_by` goes
+    /// in the block-reuse cache: the next build of the same instruction on the same parents
+    /// finds the blocks of this one.
+    fn slot(&self, created_by: &str, opts: &super::BuildOptions) -> crate::digest::Digest {
+        let mut h = crate::digest::Hasher::new();
+        let mut field = |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(b"strata-slot-v1");
+        for l in &self.layers {
+            field(l.diff_id.as_bytes());
+        }
+        field(created_by.as_bytes());
+        field(opts.compression.name().as_bytes());
+        field(format!("{:?}", opts.compression_level).as_bytes());
+        h.finish()
     }
 
     pub(super) fn metadata_step(&mut self, created_by: &str, epoch: i64) {

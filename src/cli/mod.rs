@@ -107,6 +107,8 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("strata=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a terminal: logs captured to a file or a CI log stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     let result = match cli.command {

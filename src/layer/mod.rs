@@ -18,6 +18,7 @@ mod tar;
 mod tree;
 
 pub use entry::{Entry, EntryKind, FileSource, Opener};
+pub use pgzip::{BlockRecord, ReuseSource};
 pub use read::{ArchiveFormat, detect_format, is_archive, is_archive_reader, open_decompressed};
 pub use tar::{DEFAULT_GZIP_LEVEL, LayerStats, LayerWriter};
 pub use tree::{FsTree, Node, NodeKind, SpecialKind, User};

@@ -1,28 +1,118 @@
 //! Parallel gzip whose bytes do not depend on the thread count, as pigz does it.
 //!
-//! The input is cut into fixed 128 KiB blocks. Each block is deflated on its own, primed with
-//! the previous 32 KiB of input as dictionary, and ended with a sync flush (the last one with a
-//! final block), so the raw deflate streams concatenate into one valid stream inside a single
-//! gzip member (<https://www.rfc-editor.org/rfc/rfc1952>). A block's bytes are a function of its
-//! input and the 32 KiB before it only, so any number of threads gives the same output.
+//! The input is cut into blocks of about 128 KiB. Each block is deflated on its own, primed
+//! with the previous 32 KiB of input as dictionary, and ended with a sync flush (the last one
+//! with a final block), so the raw deflate streams concatenate into one valid stream inside a
+//! single gzip member (<https://www.rfc-editor.org/rfc/rfc1952>). A block's bytes are a function
+//! of its input and the 32 KiB before it only, so any number of threads gives the same output.
+//!
+//! **Content-defined cuts and block reuse.** Plain writers cut every 128 KiB of input. A layer
+//! writer instead calls [`ParGzEncoder::cut`] at each tar entry and every 128 KiB of a file's
+//! data, so block boundaries follow the entries rather than absolute offsets: a file that
+//! grows by a line moves no boundary after the next entry, and the later blocks keep their
+//! bytes. With [`BlockOptions::record`] each block gets a key (sha256 of the format, level,
+//! dictionary and input) and its place in the output is recorded; a later build given those
+//! records and the earlier blob ([`ReuseSource`]) copies a block whose key matches instead of
+//! compressing it again. Copied bytes are exactly what compressing would give (a fresh deflate
+//! state per block, same level, same dictionary), so reuse never changes the output; the
+//! copied range is checked against its recorded length and CRC-32 first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use flate2::{Compress, Crc, FlushCompress, Status};
 
+use crate::digest::Hasher;
+
 /// Input bytes per independently compressed block (pigz's default).
-const BLOCK: usize = 128 * 1024;
+pub(crate) const BLOCK: usize = 128 * 1024;
 /// The deflate window: how much preceding input primes each block.
 const DICT: usize = 32 * 1024;
+/// With cuts driven by the caller, a block is still cut at this size (a safety net: a layer
+/// writer's blocks stay below about 2 × [`BLOCK`]).
+const MAX_HINTED_BLOCK: usize = 8 * BLOCK;
+/// Namespace of block keys: a new strata version may compress differently, so its keys differ.
+const KEY_FORMAT: &str = concat!("strata-pgzip-block-v1 ", env!("CARGO_PKG_VERSION"));
+
+/// Where a compressed block sits in a blob, and the key of the input it compresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// sha256 over the format, level, dictionary and block input.
+    pub key: [u8; 32],
+    /// Offset of the block's raw deflate bytes in the blob.
+    pub offset: u64,
+    /// Length of those bytes.
+    pub len: u32,
+    /// CRC-32 of those bytes.
+    pub crc: u32,
+}
+
+/// An earlier blob and its block records: blocks a new layer may copy.
+pub struct ReuseSource {
+    blob: std::fs::File,
+    blocks: HashMap<[u8; 32], BlockRecord>,
+    hits: std::sync::atomic::AtomicUsize,
+}
+
+impl ReuseSource {
+    /// `blob` (opened for reading) with the records made when it was written.
+    pub fn new(blob: std::fs::File, records: &[BlockRecord]) -> ReuseSource {
+        ReuseSource {
+            blob,
+            blocks: records.iter().map(|r| (r.key, *r)).collect(),
+            hits: Default::default(),
+        }
+    }
+
+    /// How many blocks were copied from this source so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The recorded bytes for `key`, if present and intact.
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        let r = self.blocks.get(key)?;
+        let mut buf = vec![0; usize::try_from(r.len).ok()?];
+        self.blob.read_exact_at(&mut buf, r.offset).ok()?;
+        let mut crc = Crc::new();
+        crc.update(&buf);
+        let intact = crc.sum() == r.crc;
+        if intact {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        intact.then_some(buf)
+    }
+}
+
+impl std::fmt::Debug for ReuseSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReuseSource")
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
+/// How blocks are cut, recorded and reused.
+#[derive(Clone, Debug, Default)]
+pub struct BlockOptions {
+    /// The caller cuts blocks with [`ParGzEncoder::cut`] (else every [`BLOCK`] bytes).
+    pub hinted: bool,
+    /// Key every block and record where it lands, for reuse by a later build.
+    pub record: bool,
+    /// Blocks of an earlier blob to copy when their key matches.
+    pub reuse: Option<Arc<ReuseSource>>,
+}
 
 /// A block to compress: sequence number, its 32 KiB dictionary, its input.
 type Job = (u64, Arc<Vec<u8>>, Arc<Vec<u8>>);
-/// A compressed block: sequence number and raw deflate bytes.
-type Done = (u64, io::Result<Vec<u8>>);
+/// A compressed block: its raw deflate bytes, and its key when recording.
+type Block = (Vec<u8>, Option<[u8; 32]>);
+/// A finished job: sequence number and block.
+type Done = (u64, io::Result<Block>);
 
 /// A gzip writer whose blocks are compressed by a pool of `threads` workers while the caller
 /// keeps producing input (tar headers, file reads, the diff_id hash): the producer and the
@@ -34,6 +124,8 @@ pub(crate) struct ParGzEncoder<W: Write> {
     level: u32,
     /// Blocks in flight before the producer waits.
     window: usize,
+    /// Cut at `cut` calls rather than every `BLOCK` bytes.
+    hinted: bool,
     /// The block being filled.
     current: Vec<u8>,
     /// The block before `current` (its tail primes `current`).
@@ -46,12 +138,30 @@ pub(crate) struct ParGzEncoder<W: Write> {
     next_seq: u64,
     next_write: u64,
     /// Compressed blocks that finished out of order.
-    ready: BTreeMap<u64, Vec<u8>>,
+    ready: BTreeMap<u64, Block>,
+    /// Bytes written to `out` so far (the gzip header included).
+    written: u64,
+    /// Where each keyed block landed.
+    records: Vec<BlockRecord>,
 }
 
 impl<W: Write> ParGzEncoder<W> {
-    /// Start a gzip member (no name, mtime 0, OS byte `os`) on `out`.
-    pub(crate) fn new(mut out: W, level: u32, threads: u32, os: u8) -> io::Result<Self> {
+    /// Start a gzip member (no name, mtime 0, OS byte `os`) on `out`, cutting every
+    /// [`BLOCK`] bytes.
+    #[cfg(test)]
+    pub(crate) fn new(out: W, level: u32, threads: u32, os: u8) -> io::Result<Self> {
+        Self::with_options(out, level, threads, os, BlockOptions::default())
+    }
+
+    /// Start a gzip member (no name, mtime 0, OS byte `os`) on `out`, with block cutting,
+    /// recording and reuse as `opts` says.
+    pub(crate) fn with_options(
+        mut out: W,
+        level: u32,
+        threads: u32,
+        os: u8,
+        opts: BlockOptions,
+    ) -> io::Result<Self> {
         // XFL as zlib sets it: 2 for maximum compression, 4 for the fastest levels.
         let xfl = match level {
             9 => 2,
@@ -67,6 +177,7 @@ impl<W: Write> ParGzEncoder<W> {
             .map(|_| {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
+                let (record, reuse) = (opts.record, opts.reuse.clone());
                 thread::spawn(move || {
                     // A fresh deflate state per block: a reset state was measured to give other
                     // bytes than a fresh one (zlib-rs), which would tie output to scheduling.
@@ -75,7 +186,14 @@ impl<W: Write> ParGzEncoder<W> {
                         let Some((seq, dict, block)) = job else {
                             return;
                         };
-                        let out = deflate_block(level, tail(&dict), &block, false);
+                        let key = (record || reuse.is_some())
+                            .then(|| block_key(level, tail(&dict), &block));
+                        let copied = key.zip(reuse.as_deref()).and_then(|(k, r)| r.get(&k));
+                        let out = match copied {
+                            Some(bytes) => Ok(bytes),
+                            None => deflate_block(level, tail(&dict), &block, false),
+                        };
+                        let out = out.map(|bytes| (bytes, key.filter(|_| record)));
                         if done_tx.send((seq, out)).is_err() {
                             return;
                         }
@@ -87,6 +205,7 @@ impl<W: Write> ParGzEncoder<W> {
             out: Some(out),
             level,
             window: 2 * threads,
+            hinted: opts.hinted,
             current: Vec::with_capacity(BLOCK),
             previous: Arc::new(Vec::new()),
             crc: Crc::new(),
@@ -96,7 +215,18 @@ impl<W: Write> ParGzEncoder<W> {
             next_seq: 0,
             next_write: 0,
             ready: BTreeMap::new(),
+            written: 10,
+            records: Vec::new(),
         })
+    }
+
+    /// A possible block boundary (the start of a tar entry: `force` false; a 128 KiB step
+    /// inside a file's data: `force` true). Cuts when forced or when the block is full.
+    pub(crate) fn cut(&mut self, force: bool) -> io::Result<()> {
+        if !self.current.is_empty() && (force || self.current.len() >= BLOCK) {
+            self.submit()?;
+        }
+        Ok(())
     }
 
     /// Wait for one compressed block and write out everything that is now in order.
@@ -106,8 +236,19 @@ impl<W: Write> ParGzEncoder<W> {
             .recv()
             .map_err(|_| io::Error::other("gzip compression workers stopped"))?;
         self.ready.insert(seq, block?);
-        while let Some(block) = self.ready.remove(&self.next_write) {
-            self.out()?.write_all(&block)?;
+        while let Some((bytes, key)) = self.ready.remove(&self.next_write) {
+            self.out()?.write_all(&bytes)?;
+            if let Some(key) = key {
+                let mut crc = Crc::new();
+                crc.update(&bytes);
+                self.records.push(BlockRecord {
+                    key,
+                    offset: self.written,
+                    len: u32::try_from(bytes.len()).map_err(io::Error::other)?,
+                    crc: crc.sum(),
+                });
+            }
+            self.written += bytes.len() as u64;
             self.next_write += 1;
         }
         Ok(())
@@ -132,7 +273,14 @@ impl<W: Write> ParGzEncoder<W> {
     }
 
     /// Compress what is pending, write the final block and the trailer, and return the writer.
-    pub(crate) fn finish(mut self) -> io::Result<W> {
+    #[cfg(test)]
+    pub(crate) fn finish(self) -> io::Result<W> {
+        self.finish_recorded().map(|(w, _)| w)
+    }
+
+    /// [`ParGzEncoder::finish`], also returning the records of keyed blocks (the final block
+    /// is never recorded: it ends the stream).
+    pub(crate) fn finish_recorded(mut self) -> io::Result<(W, Vec<BlockRecord>)> {
         while self.next_write < self.next_seq {
             self.collect_one()?;
         }
@@ -149,7 +297,7 @@ impl<W: Write> ParGzEncoder<W> {
         out.write_all(&last)?;
         out.write_all(&sum.to_le_bytes())?;
         out.write_all(&amount.to_le_bytes())?;
-        Ok(out)
+        Ok((out, std::mem::take(&mut self.records)))
     }
 
     fn out(&mut self) -> io::Result<&mut W> {
@@ -171,10 +319,11 @@ impl<W: Write> Drop for ParGzEncoder<W> {
 
 impl<W: Write> Write for ParGzEncoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len().min(BLOCK - self.current.len());
+        let max = if self.hinted { MAX_HINTED_BLOCK } else { BLOCK };
+        let n = buf.len().min(max - self.current.len());
         self.current.extend_from_slice(&buf[..n]);
         self.crc.update(&buf[..n]);
-        if self.current.len() == BLOCK {
+        if self.current.len() == max {
             self.submit()?;
         }
         Ok(n)
@@ -184,6 +333,16 @@ impl<W: Write> Write for ParGzEncoder<W> {
         // Flushing would cut a block early and change the bytes; `finish` writes everything.
         Ok(())
     }
+}
+
+/// The reuse key of a block: everything its compressed bytes depend on.
+fn block_key(level: u32, dict: &[u8], input: &[u8]) -> [u8; 32] {
+    let mut h = Hasher::new();
+    for part in [KEY_FORMAT.as_bytes(), &level.to_le_bytes(), dict, input] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    *h.finish().as_bytes()
 }
 
 fn tail(block: &[u8]) -> &[u8] {

@@ -8,7 +8,7 @@
 //! OCI layer spec <https://github.com/opencontainers/image-spec/blob/main/layer.md>.
 
 use std::collections::HashMap;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 
 use fs_err::os::unix::fs::OpenOptionsExt;
@@ -17,7 +17,7 @@ use crate::digest::{Digest, ThreadedHashingWriter};
 use crate::media::Compression;
 
 use super::entry::check_path;
-use super::pgzip::ParGzEncoder;
+use super::pgzip::{BlockOptions, BlockRecord, ParGzEncoder, ReuseSource};
 use super::{Entry, EntryKind, FileSource, LayerError, Result};
 
 const BLOCK: usize = 512;
@@ -66,6 +66,10 @@ pub struct LayerWriter {
     level: Option<i32>,
     mtime: u64,
     threads: u32,
+    /// gzip: record block keys and offsets (see [`super::pgzip`]).
+    record_blocks: bool,
+    /// gzip: blocks of an earlier blob to copy when unchanged.
+    reuse: Option<std::sync::Arc<ReuseSource>>,
 }
 
 impl Default for LayerWriter {
@@ -82,7 +86,22 @@ impl LayerWriter {
             level: None,
             mtime: 0,
             threads: 1,
+            record_blocks: false,
+            reuse: None,
         }
+    }
+
+    /// gzip only: record where each block lands ([`LayerWriter::write_recorded`] returns the
+    /// records) and copy blocks found in `reuse` instead of compressing them. The output
+    /// bytes are the same with or without this.
+    pub fn block_reuse(
+        mut self,
+        record: bool,
+        reuse: Option<std::sync::Arc<ReuseSource>>,
+    ) -> LayerWriter {
+        self.record_blocks = record;
+        self.reuse = reuse;
+        self
     }
 
     /// The compression to apply.
@@ -112,7 +131,18 @@ impl LayerWriter {
 
     /// Write `entries` as a tar layer, compressed, into `out`; return the diff_id and
     /// uncompressed size, and `out` back. The caller hashes `out` for the blob digest.
-    pub fn write<W: Write>(&self, mut entries: Vec<Entry>, out: W) -> Result<(LayerStats, W)> {
+    pub fn write<W: Write>(&self, entries: Vec<Entry>, out: W) -> Result<(LayerStats, W)> {
+        self.write_recorded(entries, out)
+            .map(|(stats, out, _)| (stats, out))
+    }
+
+    /// [`LayerWriter::write`], also returning the gzip block records (empty unless
+    /// [`LayerWriter::block_reuse`] asked for them).
+    pub fn write_recorded<W: Write>(
+        &self,
+        mut entries: Vec<Entry>,
+        out: W,
+    ) -> Result<(LayerStats, W, Vec<BlockRecord>)> {
         let encoder = self.encoder(out)?;
         for e in &entries {
             check_path(&e.path)?;
@@ -136,7 +166,7 @@ impl LayerWriter {
 
         // The diff_id is hashed on its own thread while this one builds the tar and feeds
         // the compressor.
-        let mut tar = BufWriter::with_capacity(256 * 1024, ThreadedHashingWriter::new(encoder));
+        let mut tar = ThreadedHashingWriter::new(encoder);
         for (i, e) in entries.iter().enumerate() {
             let link_to = match e.kind {
                 EntryKind::File {
@@ -147,19 +177,20 @@ impl LayerWriter {
                     .map(|&first| &entries[first]),
                 _ => None,
             };
+            tar.cut(false)?;
             self.write_entry(&mut tar, e, link_to)?;
         }
         // End of archive: two zero blocks.
         tar.write_all(&[0; 2 * BLOCK])?;
-        let hashing = tar.into_inner().map_err(|e| e.into_error())?;
-        let (diff_id, uncompressed_size, encoder) = hashing.finish()?;
-        let out = encoder.finish()?;
+        let (diff_id, uncompressed_size, encoder) = tar.finish()?;
+        let (out, records) = encoder.finish()?;
         Ok((
             LayerStats {
                 diff_id,
                 uncompressed_size,
             },
             out,
+            records,
         ))
     }
 
@@ -174,11 +205,17 @@ impl LayerWriter {
                         level,
                     },
                 )?;
-                Ok(Encoder::Gzip(ParGzEncoder::new(
+                let opts = BlockOptions {
+                    hinted: true,
+                    record: self.record_blocks,
+                    reuse: self.reuse.clone(),
+                };
+                Ok(Encoder::Gzip(ParGzEncoder::with_options(
                     out,
                     level,
                     self.threads,
                     GZIP_OS,
+                    opts,
                 )?))
             }
             Compression::Zstd => {
@@ -201,7 +238,7 @@ impl LayerWriter {
         }
     }
 
-    fn write_entry(&self, w: &mut impl Write, e: &Entry, link_to: Option<&Entry>) -> Result<()> {
+    fn write_entry(&self, w: &mut impl Sink, e: &Entry, link_to: Option<&Entry>) -> Result<()> {
         let path = path_bytes(e);
         let mode = e.mode & 0o7777;
         let mut h = HeaderFields {
@@ -255,8 +292,54 @@ fn padding(size: u64) -> usize {
     ((BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64) as usize
 }
 
+/// Where tar bytes go: a writer that can also copy from a reader without an intermediate
+/// buffer and be told where a compressed block may end.
+trait Sink: Write {
+    /// A possible gzip block boundary (see [`ParGzEncoder::cut`]); a no-op for other
+    /// compressions.
+    fn cut(&mut self, force: bool) -> io::Result<()>;
+    /// Copy up to `n` bytes from `r`; returns how many were copied.
+    fn copy_from(&mut self, r: &mut dyn Read, n: u64) -> io::Result<u64>;
+}
+
+impl<W: Write> Sink for ThreadedHashingWriter<Encoder<W>> {
+    fn cut(&mut self, force: bool) -> io::Result<()> {
+        if !matches!(self.get_ref(), Encoder::Gzip(_)) {
+            return Ok(());
+        }
+        // Hand the buffered bytes down, then cut.
+        self.spill()?;
+        match self.get_mut() {
+            Encoder::Gzip(g) => g.cut(force),
+            _ => Ok(()),
+        }
+    }
+    fn copy_from(&mut self, mut r: &mut dyn Read, n: u64) -> io::Result<u64> {
+        self.read_from(&mut r, n)
+    }
+}
+
+/// Copy `size` bytes from `r` in steps of one gzip block, with a forced cut between steps:
+/// the blocks inside a file's data then sit at offsets relative to the file, not the stream.
+fn copy_cut(r: &mut dyn Read, w: &mut impl Sink, size: u64) -> io::Result<u64> {
+    let step = super::pgzip::BLOCK as u64;
+    let mut copied = 0;
+    while copied < size {
+        if copied > 0 {
+            w.cut(true)?;
+        }
+        let want = step.min(size - copied);
+        let n = w.copy_from(r, want)?;
+        copied += n;
+        if n < want {
+            break;
+        }
+    }
+    Ok(copied)
+}
+
 /// Copy exactly `size` bytes of a file's content, failing if the source has another length.
-fn copy_content(w: &mut impl Write, e: &Entry, source: &FileSource, size: u64) -> Result<()> {
+fn copy_content(w: &mut impl Sink, e: &Entry, source: &FileSource, size: u64) -> Result<()> {
     match source {
         FileSource::Bytes(b) => {
             if b.len() as u64 != size {
@@ -266,7 +349,7 @@ fn copy_content(w: &mut impl Write, e: &Entry, source: &FileSource, size: u64) -
                     found: b.len() as u64,
                 });
             }
-            w.write_all(b)?;
+            copy_cut(&mut &b[..], w, size)?;
         }
         FileSource::Path(p) => {
             // O_NOFOLLOW: a context file swapped for a symlink after the walk must not pull in
@@ -278,7 +361,7 @@ fn copy_content(w: &mut impl Write, e: &Entry, source: &FileSource, size: u64) -
             if !f.metadata()?.is_file() {
                 return Err(LayerError::NotAFile { path: p.clone() });
             }
-            let copied = io::copy(&mut (&mut f).take(size), w)?;
+            let copied = copy_cut(&mut f, w, size)?;
             let mismatch = |found| LayerError::SizeMismatch {
                 path: p.clone(),
                 expected: size,
@@ -294,7 +377,7 @@ fn copy_content(w: &mut impl Write, e: &Entry, source: &FileSource, size: u64) -
         }
         FileSource::Open { id, opener } => {
             let mut r = opener.open()?;
-            let copied = io::copy(&mut (&mut r).take(size), w)?;
+            let copied = copy_cut(&mut r, w, size)?;
             let mut extra = [0u8; 1];
             let found = if copied == size && r.read(&mut extra)? != 0 {
                 size + 1
@@ -449,14 +532,14 @@ enum Encoder<W: Write> {
 }
 
 impl<W: Write> Encoder<W> {
-    fn finish(self) -> io::Result<W> {
+    fn finish(self) -> io::Result<(W, Vec<BlockRecord>)> {
         match self {
             Encoder::None(mut w) => {
                 w.flush()?;
-                Ok(w)
+                Ok((w, Vec::new()))
             }
-            Encoder::Gzip(g) => g.finish(),
-            Encoder::Zstd(z) => z.finish(),
+            Encoder::Gzip(g) => g.finish_recorded(),
+            Encoder::Zstd(z) => Ok((z.finish()?, Vec::new())),
         }
     }
 }

@@ -433,3 +433,87 @@ fn gnu_tar_lists_the_layer() {
         );
     }
 }
+
+/// A tree shaped like a published app: many files, some larger than a gzip block, with
+/// pseudo-random but compressible content. `grow` appends to one file near the front.
+fn app_tree(grow: &[u8]) -> Vec<Entry> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut entries = vec![Entry::dir("app", 0o755, 0, 0)];
+    for i in 0..60 {
+        let len = [300usize, 5_000, 40_000, 150_000, 300_000][i % 5];
+        let content: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                b"abcdefgh  ,;{}\n0123"[(state % 19) as usize]
+            })
+            .collect();
+        let mut content = content;
+        if i == 7 {
+            content.extend_from_slice(grow);
+        }
+        entries.push(Entry::bytes(format!("app/f{i:03}"), &content, 0o644, 0, 0));
+    }
+    entries
+}
+
+#[test]
+fn reused_gzip_blocks_give_the_bytes_of_a_fresh_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = LayerWriter::new().threads(2);
+    // First build: record where the blocks land.
+    let (s1, first, records) = w
+        .clone()
+        .block_reuse(true, None)
+        .write_recorded(app_tree(b""), Vec::new())
+        .unwrap();
+    assert_eq!(
+        write(&w, app_tree(b"")),
+        (s1, first.clone()),
+        "recording changes nothing"
+    );
+    assert!(records.len() > 30, "{} blocks recorded", records.len());
+    let blob = dir.path().join("blob");
+    std::fs::write(&blob, &first).unwrap();
+
+    // One file grows by a line: most blocks come from the first blob, and the bytes are
+    // exactly those of a build that compresses everything.
+    let reuse = std::sync::Arc::new(ReuseSource::new(
+        std::fs::File::open(&blob).unwrap(),
+        &records,
+    ));
+    let (s2, second, _) = w
+        .clone()
+        .block_reuse(true, Some(reuse.clone()))
+        .write_recorded(app_tree(b"{ \"x\": 1 }\n"), Vec::new())
+        .unwrap();
+    let fresh = write(&w, app_tree(b"{ \"x\": 1 }\n"));
+    assert_eq!((s2, second.clone()), fresh);
+    assert_ne!(second, first);
+    assert!(
+        reuse.hits() + 8 >= records.len(),
+        "only {} of {} blocks reused",
+        reuse.hits(),
+        records.len()
+    );
+
+    // A damaged source block is compressed again, never copied.
+    let mut damaged = first.clone();
+    for r in &records {
+        let at = usize::try_from(r.offset).unwrap() + 5;
+        damaged[at] ^= 0xff;
+    }
+    std::fs::write(&blob, &damaged).unwrap();
+    let reuse = std::sync::Arc::new(ReuseSource::new(
+        std::fs::File::open(&blob).unwrap(),
+        &records,
+    ));
+    let (_, third, _) = w
+        .clone()
+        .block_reuse(false, Some(reuse.clone()))
+        .write_recorded(app_tree(b""), Vec::new())
+        .unwrap();
+    assert_eq!(third, first);
+    assert_eq!(reuse.hits(), 0);
+}

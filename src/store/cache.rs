@@ -6,6 +6,11 @@
 //! - `cache/stat.json` remembers, per context file, (size, mtime, ctime, inode, device) →
 //!   sha256 of its content, like git's index: an unchanged file is never re-read, and a
 //!   touched-but-identical one is re-hashed once and still hits.
+//! - `cache/slots/<slot>` names the blob last written for a "slot" (same parent layers, same
+//!   instruction, same compression), and `cache/blocks/<blob>` lists where that blob's gzip
+//!   blocks sit and what input each compressed (see `layer::pgzip`): the next build of the slot
+//!   copies unchanged blocks instead of compressing them again. Both are hints; a missing or
+//!   damaged one only costs the compression time.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -16,8 +21,9 @@ use std::time::SystemTime;
 use fs_err as fs;
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, write_atomic};
+use super::{Store, StoreError, write_hint};
 use crate::digest::{Digest, digest_reader};
+use crate::layer::{BlockRecord, ReuseSource};
 use crate::media::Descriptor;
 
 /// A cached layer: its blob and its diff_id.
@@ -29,7 +35,97 @@ pub struct CachedLayer {
     pub diff_id: Digest,
 }
 
+/// First line of a `cache/blocks/` file; records follow, 48 bytes each (key, offset, length,
+/// CRC-32; little-endian).
+const BLOCKS_MAGIC: &[u8] = b"strata-blocks-v1\n";
+const RECORD: usize = 48;
+
 impl Store {
+    fn blocks_path(&self, blob: &Digest) -> PathBuf {
+        self.root().join("cache/blocks").join(blob.hex())
+    }
+
+    fn slot_path(&self, slot: &Digest) -> PathBuf {
+        self.root().join("cache/slots").join(slot.hex())
+    }
+
+    /// The blob last written for `slot`, with its block records, when both are still there.
+    pub fn block_reuse(&self, slot: &Digest) -> Option<ReuseSource> {
+        let text = fs::read_to_string(self.slot_path(slot)).ok()?;
+        let blob = Digest::from_hex(text.trim()).ok()?;
+        let bytes = fs::read(self.blocks_path(&blob)).ok()?;
+        let body = bytes.strip_prefix(BLOCKS_MAGIC)?;
+        if body.len() % RECORD != 0 {
+            return None;
+        }
+        let records: Vec<BlockRecord> = body
+            .chunks_exact(RECORD)
+            .map(|r| BlockRecord {
+                key: r[..32].try_into().expect("32 bytes"),
+                offset: u64::from_le_bytes(r[32..40].try_into().expect("8 bytes")),
+                len: u32::from_le_bytes(r[40..44].try_into().expect("4 bytes")),
+                crc: u32::from_le_bytes(r[44..48].try_into().expect("4 bytes")),
+            })
+            .collect();
+        let file = std::fs::File::open(self.blob_path(&blob)).ok()?;
+        Some(ReuseSource::new(file, &records))
+    }
+
+    /// Remember that `blob`, written for `slot`, has gzip blocks `records`.
+    pub fn put_block_records(
+        &self,
+        slot: &Digest,
+        blob: &Digest,
+        records: &[BlockRecord],
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(BLOCKS_MAGIC.len() + records.len() * RECORD);
+        bytes.extend_from_slice(BLOCKS_MAGIC);
+        for r in records {
+            bytes.extend_from_slice(&r.key);
+            bytes.extend_from_slice(&r.offset.to_le_bytes());
+            bytes.extend_from_slice(&r.len.to_le_bytes());
+            bytes.extend_from_slice(&r.crc.to_le_bytes());
+        }
+        for dir in ["cache/blocks", "cache/slots"] {
+            fs::create_dir_all(self.root().join(dir))?;
+        }
+        write_hint(&self.blocks_path(blob), &bytes)?;
+        write_hint(
+            &self.slot_path(slot),
+            format!("{}\n", blob.hex()).as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// Drop block records and slots whose blob is gone; returns how many files went.
+    pub(crate) fn prune_block_records(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let gone = |text: &str| Digest::from_hex(text.trim()).is_ok_and(|d| !self.has_blob(&d));
+        for (dir, by_content) in [("cache/blocks", false), ("cache/slots", true)] {
+            let dir = self.root().join(dir);
+            if !dir.is_dir() {
+                continue;
+            }
+            for e in fs::read_dir(&dir)? {
+                let path = e?.path();
+                let name = if by_content {
+                    fs::read_to_string(&path).unwrap_or_default()
+                } else {
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                };
+                if gone(&name) && fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     fn cache_path(&self, key: &Digest) -> PathBuf {
         self.root()
             .join("cache/layers")
@@ -57,7 +153,7 @@ impl Store {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        write_atomic(
+        write_hint(
             &path,
             &serde_json::to_vec(layer).expect("cache entry serialises"),
         )?;
@@ -125,7 +221,7 @@ impl StatCache {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        write_atomic(
+        write_hint(
             &path,
             &serde_json::to_vec(&self.entries).expect("stat cache serialises"),
         )?;

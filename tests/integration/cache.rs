@@ -238,3 +238,72 @@ fn a_registry_cache_makes_a_fresh_store_rebuild_nothing() {
     ]));
     assert!(out.contains(&da), "{out}");
 }
+
+/// A one-file change copies the unchanged gzip blocks of the previous layer instead of
+/// compressing them again; the result is byte for byte what a build from nothing gives, and
+/// the block records go away with their blob.
+#[test]
+fn unchanged_gzip_blocks_are_reused_with_identical_bytes() {
+    let env = Env::new();
+    let ctx = env.path("ctx");
+    write(
+        &ctx,
+        "Dockerfile",
+        b"FROM scratch\nWORKDIR /App\nCOPY app/ ./\n",
+    );
+    let mut state = 7u64;
+    for i in 0..40 {
+        let len = [2_000usize, 90_000, 300_000][i % 3];
+        let content: Vec<u8> = (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                b"ab cd,ef\n01{}"[(state >> 60) as usize % 13]
+            })
+            .collect();
+        write(&ctx, &format!("app/lib{i:02}.dll"), &content);
+    }
+    let (d1, _) = build_json(&env, &ctx, &[]);
+    let records = env.home().join("cache/blocks");
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 1);
+
+    let mut grown = std::fs::read(ctx.join("app/lib10.dll")).unwrap();
+    grown.extend_from_slice(b"{ \"benchRun\": 1 }\n");
+    write(&ctx, "app/lib10.dll", &grown);
+    let out = env
+        .cmd()
+        .env("STRATA_LOG", "strata=debug")
+        .args(["build", "-q"])
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let d2 = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let log = String::from_utf8_lossy(&out.stderr);
+    // `... layer written millis=… digest=… reused=N blocks=M`
+    let field = |name: &str| -> usize {
+        log.split(&format!(" {name}="))
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the log:\n{log}"))
+    };
+    let (reused, blocks) = (field("reused"), field("blocks"));
+    assert!(blocks > 30, "{blocks} blocks:\n{log}");
+    assert!(
+        reused + 4 >= blocks,
+        "only {reused} of {blocks} blocks reused:\n{log}"
+    );
+    assert_ne!(d1, d2);
+
+    let fresh = Env::new();
+    let (d3, _) = build_json(&fresh, &ctx, &["--no-cache"]);
+    assert_eq!(d2, d3, "reuse changed the bytes");
+
+    // The records of a pruned blob are pruned with it.
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 2);
+    run_ok(env.cmd().args(["prune", "--all"]));
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+    env.fsck();
+}
