@@ -221,8 +221,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Every minute: re-queue builds of vanished replicas, delete old builds, prune the store
-/// when idle.
+/// At start and then every minute: re-queue builds of vanished replicas, delete old builds,
+/// prune the store when idle.
 async fn maintenance(
     shared: Arc<Shared>,
     retention: Duration,
@@ -234,8 +234,13 @@ async fn maintenance(
     } else {
         shared.lease.min(Duration::from_secs(60))
     };
+    // The first round right away: a restarted server applies its retention at once.
+    let mut first = true;
     loop {
-        tokio::time::sleep(every).await;
+        if !first {
+            tokio::time::sleep(every).await;
+        }
+        first = false;
         let now = worker::now_ms();
         if !embedded {
             match shared.queue.recover(now, false).await {

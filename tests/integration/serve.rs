@@ -797,3 +797,30 @@ fn two_hundred_clients_list_and_submit_without_errors() {
     }
     assert_eq!(serve.raw("GET", "/healthz", &[], b"").status, 200);
 }
+
+#[test]
+fn finished_builds_are_pruned_after_the_retention() {
+    let env = Env::new();
+    let mut serve = Serve::start(&env, &["--workers", "1"]);
+    let failed = serve.submit(&json!({"repository": "http://127.0.0.1:9/ttd/none.git",
+                                      "image": "127.0.0.1:9/ttd/none:1", "push": false}));
+    let b = serve.wait_final(&failed, 60);
+    assert_eq!(b["state"], "failed");
+    assert!(b["error"].as_str().is_some_and(|e| !e.is_empty()), "{b:#}");
+    serve.stop();
+    std::thread::sleep(Duration::from_millis(1100));
+    let serve = Serve::start(&env, &["--retention", "1s"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serve
+        .req("GET", &format!("/api/v1/builds/{failed}"), b"")
+        .status
+        != 404
+    {
+        assert!(Instant::now() < deadline, "not pruned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        serve.req("GET", "/api/v1/builds", b"").json()["builds"],
+        json!([])
+    );
+}
