@@ -824,3 +824,44 @@ fn finished_builds_are_pruned_after_the_retention() {
         json!([])
     );
 }
+
+#[test]
+fn cancel_between_build_steps_unwinds_cleanly() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    // Six layers of 4 MiB of noise each: seconds of compression, step after step.
+    let mut files = Vec::new();
+    let mut dockerfile = String::from("FROM scratch\n");
+    for i in 0..6 {
+        files.push((format!("big/{i}.bin"), noise(4 << 20, 100 + i)));
+        dockerfile.push_str(&format!("COPY big/{i}.bin /data/{i}.bin\n"));
+    }
+    files.push(("Dockerfile.layers".to_string(), dockerfile.into_bytes()));
+    let (url, _) = app_repo_with(&git, "repos/ttd/steps-app.git", &files);
+    let (small, _) = app_repo(&git, "repos/ttd/after-app.git", 0);
+    let reg = Registry::anonymous();
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "1"]);
+    let mut req = publish(&url, &reg.image("ttd/steps-app:1"));
+    req["dockerfile"] = json!("Dockerfile.layers");
+    let id = serve.submit(&req);
+    wait_event(&serve, &id, "step_done", 120);
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
+    assert_eq!(r.status, 202);
+    let b = serve.wait_final(&id, 60);
+    assert_eq!(b["state"], "cancelled", "{b:#}");
+    let kinds: Vec<String> = serve.events(&id).into_iter().map(|(_, k, _)| k).collect();
+    assert!(!kinds.iter().any(|k| k == "built"), "{kinds:?}");
+    assert!(registry_tags(&reg, "ttd/steps-app").is_empty());
+
+    // The worker is fine after the unwind: the next build runs.
+    let next = serve.submit(&publish(&small, &reg.image("ttd/after-app:1")));
+    assert_eq!(serve.wait_final(&next, 120)["state"], "succeeded");
+    drop(serve);
+    assert!(
+        tmp_entries(&env.home()).is_empty(),
+        "{:?}",
+        tmp_entries(&env.home())
+    );
+    assert_eq!(env.names(), [reg.image("ttd/after-app:1")]);
+    env.fsck();
+}

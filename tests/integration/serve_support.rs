@@ -241,15 +241,28 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// `App/wwwroot/media.bin` when non-zero), committed and served at `/<rel>`. Returns the
 /// clone URL and the commit id.
 pub fn app_repo(server: &GitServer, rel: &str, media: usize) -> (String, String) {
+    let extra = if media > 0 {
+        vec![(
+            "App/wwwroot/media.bin".to_string(),
+            noise(media, rel.len() as u64),
+        )]
+    } else {
+        Vec::new()
+    };
+    app_repo_with(server, rel, &extra)
+}
+
+/// [`app_repo`] with `extra` files added (or replaced) before the commit.
+pub fn app_repo_with(
+    server: &GitServer,
+    rel: &str,
+    extra: &[(String, Vec<u8>)],
+) -> (String, String) {
     let work = server.root().join(".work").join(rel.replace('/', "_"));
     std::fs::create_dir_all(&work).expect("mkdir work");
     copy_tree(&fixture("serve/app"), &work);
-    if media > 0 {
-        write(
-            &work,
-            "App/wwwroot/media.bin",
-            &noise(media, rel.len() as u64),
-        );
+    for (path, bytes) in extra {
+        write(&work, path, bytes);
     }
     git(&work, &["init", "-q", "-b", "main"]);
     git(&work, &["add", "-A"]);
