@@ -154,7 +154,7 @@ fn publish_streams_events_and_pushes_the_image() {
             .any(|w| w == GIT_TOKEN.as_bytes())
     );
     assert!(!serve.log_text().contains(GIT_TOKEN));
-    let leaks = occurs_in_tree(&env.home().join("serve"), GIT_TOKEN.as_bytes());
+    let leaks = occurs_in_tree(&env.home(), GIT_TOKEN.as_bytes());
     assert!(leaks.is_empty(), "token in clear in {leaks:?}");
 
     // Health and metrics.
