@@ -3,6 +3,7 @@
 //! Data flows one way: a front end ([`dockerfile`]) turns text into a plan; [`source`] reads
 //! build contexts; [`layer`] writes deterministic tar layers; [`image`] holds manifests and
 //! configs; [`store`] keeps blobs content-addressed on disk; [`build`] executes a plan; the
+//! [`serve`] is the publish backend (a build queue behind an HTTP API); the
 //! [`cli`] is the only place that reads the environment, the clock and the working directory.
 #![deny(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod media;
 pub mod recipe;
 pub mod registry;
 pub mod sandbox;
+pub mod serve;
 pub mod source;
 pub mod store;
 

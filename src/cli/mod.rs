@@ -7,6 +7,7 @@ mod images;
 mod progress;
 mod registry;
 mod userns;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,8 @@ enum Command {
     Delete(registry::DeleteArgs),
     /// Hand an image to Kubernetes: a Flux OCI artifact, or server-side apply and rollout.
     Deploy(deploy::DeployArgs),
+    /// Run the publish backend: a build queue behind a JSON API.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// An error that is the user's fault in how strata was called (exit status 2).
@@ -134,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::Tags(a) => registry::tags(a),
         Command::Delete(a) => registry::delete(a),
         Command::Deploy(a) => deploy::run(a),
+        Command::Serve(a) => serve::run(*a),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 
 mod common;
 mod git_server;
+mod serve_support;
 
 mod auth;
 mod build;
@@ -23,4 +24,5 @@ mod reproducible;
 mod run;
 mod run_compat;
 mod run_mounts;
+mod serve;
 mod store;
