@@ -6,8 +6,8 @@ mod deploy;
 mod images;
 mod progress;
 mod registry;
-mod userns;
 mod serve;
+mod userns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -71,12 +71,25 @@ enum Whiteout {
 }
 
 /// The whiteouts of a layer tar, and the parent directories of its entries.
-fn scan(r: impl Read) -> io::Result<(Vec<Whiteout>, Vec<PathBuf>)> {
+/// What a pass over a layer learns besides its content.
+#[derive(Default)]
+struct Scan {
+    whiteouts: Vec<Whiteout>,
+    /// Each parent directory the entries need, with the (raw) name of the first entry below
+    /// it, for error messages.
+    parents: Vec<(PathBuf, String)>,
+    /// The directories the layer carries as entries of its own.
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
+fn scan(r: impl Read) -> io::Result<Scan> {
     let mut out = Vec::new();
-    let mut parents: Vec<PathBuf> = Vec::new();
+    let mut parents: Vec<(PathBuf, String)> = Vec::new();
+    let mut dirs = std::collections::HashSet::new();
     let mut archive = tar::Archive::new(r);
     for entry in archive.entries()? {
         let entry = entry?;
+        let is_dir = entry.header().entry_type().is_dir();
         let raw = entry.path_bytes().into_owned();
         let path = Path::new(std::ffi::OsStr::from_bytes(&raw));
         let clean: PathBuf = path
@@ -86,9 +99,12 @@ fn scan(r: impl Read) -> io::Result<(Vec<Whiteout>, Vec<PathBuf>)> {
         let Some(name) = clean.file_name().map(|n| n.as_bytes().to_vec()) else {
             continue;
         };
+        if is_dir {
+            dirs.insert(clean.clone());
+        }
         let parent = clean.parent().unwrap_or(Path::new("")).to_path_buf();
-        if !parent.as_os_str().is_empty() && parents.last() != Some(&parent) {
-            parents.push(parent.clone());
+        if !parent.as_os_str().is_empty() && parents.last().map(|(p, _)| p) != Some(&parent) {
+            parents.push((parent.clone(), String::from_utf8_lossy(&raw).into_owned()));
         }
         if name == b".wh..wh..opq" {
             out.push(Whiteout::Opaque(parent));
@@ -99,8 +115,12 @@ fn scan(r: impl Read) -> io::Result<(Vec<Whiteout>, Vec<PathBuf>)> {
         }
     }
     parents.sort();
-    parents.dedup();
-    Ok((out, parents))
+    parents.dedup_by(|a, b| a.0 == b.0);
+    Ok(Scan {
+        whiteouts: out,
+        parents,
+        dirs,
+    })
 }
 
 fn cpath(p: &Path) -> io::Result<CString> {
@@ -131,8 +151,14 @@ fn set_opaque(dir: &Path) -> Result<()> {
 }
 
 /// Make `rel`'s directories in `dest`, copying mode and (as root) owner from the layers
-/// below, so the overlay shows the same metadata.
-fn ensure_dirs(dest: &Path, rel: &Path, below_top_first: &[PathBuf]) -> Result<()> {
+/// below, so the overlay shows the same metadata. `entry` names what needs them in errors.
+///
+/// A directory the layer does not carry itself but the layers below hold as a symlink (or a
+/// non-directory) is refused: unpacked onto the whole image, the layer would write through
+/// that link, which is how a hostile layer reaches outside the root; stacked as an overlay
+/// lower it would silently shadow the link instead. Either way the image is not what the
+/// layer says, so it is an error, as in [`unpack_layer`](super::unpack_layer).
+fn ensure_dirs(dest: &Path, rel: &Path, below_top_first: &[PathBuf], entry: &str) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let mut prefix = PathBuf::new();
@@ -151,7 +177,19 @@ fn ensure_dirs(dest: &Path, rel: &Path, below_top_first: &[PathBuf]) -> Result<(
         }
         let (mode, owner) = match view::lookup(below_top_first, &prefix)? {
             Found::Dir(meta) => (meta.mode() & 0o7777, Some((meta.uid(), meta.gid()))),
-            _ => (0o755, None),
+            Found::Symlink(_) => {
+                return Err(SandboxError::UnsafeEntry {
+                    path: entry.to_string(),
+                    why: "parent directory is a symlink".into(),
+                });
+            }
+            Found::File | Found::NotDir(_) => {
+                return Err(SandboxError::UnsafeEntry {
+                    path: entry.to_string(),
+                    why: "parent is not a directory".into(),
+                });
+            }
+            Found::Missing => (0o755, None),
         };
         fs_err::create_dir(&at)?;
         fs_err::set_permissions(&at, std::fs::Permissions::from_mode(mode))?;
@@ -179,14 +217,66 @@ pub fn unpack_layer_dir<R: Read>(
         Err(SandboxError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
             tracing::debug!("layer lacks parent directory entries ({e}); making them first");
             clear(dest)?;
-            let (_, parents) = scan(open()?).map_err(SandboxError::Tar)?;
-            for p in parents {
-                ensure_dirs(dest, &p, below_top_first)?;
+            let parents = scan(open()?).map_err(SandboxError::Tar)?.parents;
+            for (p, entry) in parents {
+                ensure_dirs(dest, &p, below_top_first, &entry)?;
             }
             attempt(open()?, dest, below_top_first)
         }
         other => other,
     }
+}
+
+/// The parent directories a layer's entries needed but the layer does not carry: refused
+/// where the layers below hold a symlink or a non-directory (see [`ensure_dirs`]), else given
+/// the mode and (as root) owner the layers below give them, as unpacking onto the whole image
+/// would find them.
+fn implicit_dirs(
+    dest: &Path,
+    parents: &[(PathBuf, String)],
+    carried: &std::collections::HashSet<PathBuf>,
+    below_top_first: &[PathBuf],
+) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut seen = std::collections::HashSet::new();
+    for (parent, entry) in parents {
+        let mut prefix = PathBuf::new();
+        for c in parent.components() {
+            prefix.push(c);
+            if carried.contains(&prefix) || !seen.insert(prefix.clone()) {
+                continue;
+            }
+            match view::lookup(below_top_first, &prefix)? {
+                Found::Symlink(_) => {
+                    return Err(SandboxError::UnsafeEntry {
+                        path: entry.clone(),
+                        why: "parent directory is a symlink".into(),
+                    });
+                }
+                Found::File | Found::NotDir(_) => {
+                    return Err(SandboxError::UnsafeEntry {
+                        path: entry.clone(),
+                        why: "parent is not a directory".into(),
+                    });
+                }
+                Found::Dir(meta) => {
+                    let at = dest.join(&prefix);
+                    if at.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                        fs_err::set_permissions(
+                            &at,
+                            std::fs::Permissions::from_mode(meta.mode() & 0o7777),
+                        )?;
+                        if root {
+                            std::os::unix::fs::lchown(&at, Some(meta.uid()), Some(meta.gid()))?;
+                        }
+                    }
+                }
+                Found::Missing => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Empty `dir`, read-only directories included.
@@ -240,11 +330,17 @@ fn attempt(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]) -> Result<(
     if let Some(d) = drained {
         d.map_err(SandboxError::Tar)?;
     }
-    let (whiteouts, _) = whiteouts.map_err(SandboxError::Tar)?;
+    let Scan {
+        whiteouts,
+        parents,
+        dirs,
+    } = whiteouts.map_err(SandboxError::Tar)?;
+    implicit_dirs(dest, &parents, &dirs, below_top_first)?;
     for w in whiteouts {
         match w {
             Whiteout::Opaque(dir) => {
-                ensure_dirs(dest, &dir, below_top_first)?;
+                let entry = dir.join(".wh..wh..opq").display().to_string();
+                ensure_dirs(dest, &dir, below_top_first, &entry)?;
                 set_opaque(&dest.join(&dir))?;
             }
             Whiteout::Path(rel) => {
@@ -255,7 +351,8 @@ fn attempt(tar: impl Read, dest: &Path, below_top_first: &[PathBuf]) -> Result<(
                     Ok(_) => {}
                     Err(_) => {
                         if let Some(parent) = rel.parent() {
-                            ensure_dirs(dest, parent, below_top_first)?;
+                            let entry = rel.display().to_string();
+                            ensure_dirs(dest, parent, below_top_first, &entry)?;
                         }
                         let c = cpath(&at)?;
                         // SAFETY: valid C string; a 0/0 character device is a whiteout.
