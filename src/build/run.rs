@@ -22,7 +22,12 @@
 //!   never the secret's bytes. A cache mount's content is not in the key (it is a cache).
 //! - **Mount points** a step needs but the image lacks are made in a layer below the overlay
 //!   upper, so they never reach the layer (BuildKit removes the empty ones it created).
-//! - A missing secret without `required` leaves the mount out, as BuildKit does.
+//! - A missing secret without `required` leaves the mount out, as BuildKit does; a secret with
+//!   `env=` and no `target` is only a variable.
+//! - **Binds** get a private copy of the subtree (the context as COPY sees it, `.dockerignore`
+//!   applied; or the stage's/image's files), so `rw` writes are thrown away as in BuildKit.
+//! - **Cache ids** are namespaced by the `BUILDKIT_CACHE_MOUNT_NS` build arg, as in BuildKit; a
+//!   cache with `from` starts as a copy of that subtree.
 
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
