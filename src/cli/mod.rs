@@ -2,6 +2,7 @@
 //! reads the environment, the clock and the working directory.
 
 mod build;
+mod deploy;
 mod images;
 mod progress;
 mod registry;
@@ -56,6 +57,8 @@ enum Command {
     Tags(registry::TagsArgs),
     /// Delete a manifest from a registry.
     Delete(registry::DeleteArgs),
+    /// Hand an image to Kubernetes: a Flux OCI artifact, or server-side apply and rollout.
+    Deploy(deploy::DeployArgs),
 }
 
 /// An error that is the user's fault in how strata was called (exit status 2).
@@ -124,6 +127,7 @@ pub fn main() -> ExitCode {
         Command::Copy(a) => registry::copy(a),
         Command::Tags(a) => registry::tags(a),
         Command::Delete(a) => registry::delete(a),
+        Command::Deploy(a) => deploy::run(a),
     };
     match result {
         Ok(code) => code,
