@@ -22,7 +22,12 @@
 //!   never the secret's bytes. A cache mount's content is not in the key (it is a cache).
 //! - **Mount points** a step needs but the image lacks are made in a layer below the overlay
 //!   upper, so they never reach the layer (BuildKit removes the empty ones it created).
-//! - A missing secret without `required` leaves the mount out, as BuildKit does.
+//! - A missing secret without `required` leaves the mount out, as BuildKit does; a secret with
+//!   `env=` and no `target` is only a variable.
+//! - **Binds** get a private copy of the subtree (the context as COPY sees it, `.dockerignore`
+//!   applied; or the stage's/image's files), so `rw` writes are thrown away as in BuildKit.
+//! - **Cache ids** are namespaced by the `BUILDKIT_CACHE_MOUNT_NS` build arg, as in BuildKit; a
+//!   cache with `from` starts as a copy of that subtree.
 
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
@@ -418,10 +423,25 @@ fn realize_mounts(
     planned: Vec<Planned>,
     scratch: &Path,
 ) -> Result<Realized, String> {
-    let (mut mounts, mut chown, mut locks) = (Vec::new(), Vec::new(), Vec::new());
-    for p in planned {
+    let (mut chown, mut locks) = (Vec::new(), Vec::new());
+    let mut held: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    // Cache directories are locked in the order of their names, whatever the order of the
+    // mounts, so two builds waiting for each other's `sharing=locked` caches cannot deadlock.
+    let mut order: Vec<usize> = (0..planned.len()).collect();
+    order.sort_by(|&a, &b| {
+        let name = |p: &Planned| match p {
+            Planned::Cache { name, .. } => Some(name.clone()),
+            _ => None,
+        };
+        name(&planned[a]).cmp(&name(&planned[b])).then(a.cmp(&b))
+    });
+    let mut planned: Vec<Option<Planned>> = planned.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<Mount>> = (0..planned.len()).map(|_| None).collect();
+    for i in order {
+        let p = planned[i].take().expect("each mount once");
+        let mounts = &mut slots[i];
         match p {
-            Planned::Ready(m) => mounts.push(m),
+            Planned::Ready(m) => *mounts = Some(m),
             Planned::Bind {
                 target,
                 readonly,
@@ -429,7 +449,7 @@ fn realize_mounts(
                 source,
             } => {
                 let path = materialize_source(ctx, stages, from.as_deref(), &source, scratch)?;
-                mounts.push(Mount::Bind {
+                *mounts = Some(Mount::Bind {
                     source: path,
                     target,
                     readonly,
@@ -456,18 +476,26 @@ fn realize_mounts(
                     Sharing::Private => crate::store::Sharing::Private,
                     Sharing::Locked => crate::store::Sharing::Locked,
                 };
-                let (dir, lock, created) = ctx
-                    .store
-                    .cache_mount(&name, sharing, mode, |fresh| match &seed {
-                        Some(src) => copy_tree(src, fresh),
-                        None => Ok(()),
-                    })
-                    .map_err(|e| format!("cache mount {id:?}: {e}"))?;
-                if created {
-                    chown.push((dir.clone(), owner.0, owner.1));
-                }
-                locks.push(lock);
-                mounts.push(Mount::Bind {
+                // The same cache twice in one step: one directory, locked once.
+                let dir = match held.get(&name) {
+                    Some(dir) => dir.clone(),
+                    None => {
+                        let (dir, lock, created) = ctx
+                            .store
+                            .cache_mount(&name, sharing, mode, |fresh| match &seed {
+                                Some(src) => copy_tree(src, fresh),
+                                None => Ok(()),
+                            })
+                            .map_err(|e| format!("cache mount {id:?}: {e}"))?;
+                        if created {
+                            chown.push((dir.clone(), owner.0, owner.1));
+                        }
+                        locks.push(lock);
+                        held.insert(name.clone(), dir.clone());
+                        dir
+                    }
+                };
+                *mounts = Some(Mount::Bind {
                     source: dir,
                     target,
                     readonly,
@@ -475,6 +503,7 @@ fn realize_mounts(
             }
         }
     }
+    let mounts = slots.into_iter().flatten().collect();
     Ok((mounts, chown, locks))
 }
 

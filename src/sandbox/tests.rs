@@ -944,3 +944,10 @@ fn timing_unpack() {
         eprintln!("diff={diff}: {:?}", t.elapsed());
     }
 }
+
+#[test]
+fn secrets_and_dev_mounts_on_fuse_overlay() {
+    if find_program("fuse-overlayfs").is_some() {
+        secret_and_dev_mounts(Some(RootfsKind::FuseOverlay));
+    }
+}

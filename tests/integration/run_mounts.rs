@@ -54,12 +54,14 @@ fn cache_mounts_persist_across_builds_and_stay_out_of_the_layer() {
         "cache",
         "FROM mountbase\nARG V\n\
          RUN --mount=type=cache,target=/root/.cache/pkgs echo \"$V\" >> /root/.cache/pkgs/log && cat /root/.cache/pkgs/log > /seen\n\
-         RUN --mount=type=cache,id=owned,target=/var/cache/x,uid=1000,gid=3000,mode=0750,sharing=locked ls -lnd /var/cache/x > /perm\n",
+         RUN --mount=type=cache,id=owned,target=/var/cache/x,uid=1000,gid=3000,mode=0750,sharing=locked ls -lnd /var/cache/x > /perm\n\
+         RUN --mount=type=cache,id=twice,target=/t1,sharing=locked --mount=type=cache,id=twice,target=/t2,sharing=locked touch /t1/f && ls /t2 > /twice\n",
     );
     env.build(&ctx, &["-t", "c1", "--build-arg", "V=one"]);
     env.build(&ctx, &["-t", "c2", "--build-arg", "V=two"]);
     let tree = env.unpack("c2", "c2");
     assert_eq!(text(&tree, "seen"), "one\ntwo\n");
+    assert_eq!(text(&tree, "twice"), "f\n", "one cache at two targets");
     for leaked in ["root", "root/.cache", "var", "var/cache/x"] {
         assert!(!tree.contains_key(leaked), "{leaked} leaked into the layer");
     }
