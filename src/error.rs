@@ -42,6 +42,9 @@ pub enum Error {
     /// The publish backend failed.
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
+    /// The hand-off to Kubernetes failed.
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
     /// An I/O error (fs-err errors name their path).
     #[error(transparent)]
     Io(#[from] std::io::Error),

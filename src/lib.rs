@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod cli;
+pub mod deploy;
 pub mod digest;
 pub mod dockerfile;
 pub mod error;

@@ -30,50 +30,51 @@ pub(crate) struct WriterSettings {
 }
 
 /// The content digest of every on-disk file of `entries`: from the stat cache for context
-/// files whose stat data is unchanged, the rest hashed on `threads` threads.
+/// files whose stat data is unchanged, the rest hashed. Both the stat calls and the hashing
+/// are spread over `threads` threads (a context of thousands of files costs thousands of
+/// `statx` calls even when nothing changed).
 fn file_digests<'a>(
     entries: &'a [Entry],
     stat: &mut StatCache,
     context: Option<&Path>,
     threads: u32,
 ) -> std::io::Result<HashMap<&'a Path, Digest>> {
-    let mut known = HashMap::new();
-    let mut todo: Vec<(&'a Path, Option<std::fs::Metadata>)> = Vec::new();
-    for e in entries {
-        let EntryKind::File {
-            source: FileSource::Path(p),
-            ..
-        } = &e.kind
-        else {
-            continue;
-        };
-        if context.is_some_and(|c| p.starts_with(c)) {
-            let md = fs_err::symlink_metadata(p)?;
-            match stat.lookup(p, &md) {
-                Some(d) => {
-                    known.insert(p.as_path(), d);
-                }
-                None => todo.push((p.as_path(), Some(md))),
-            }
-        } else {
-            todo.push((p.as_path(), None));
-        }
-    }
+    let files: Vec<&'a Path> = entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File {
+                source: FileSource::Path(p),
+                ..
+            } => Some(p.as_path()),
+            _ => None,
+        })
+        .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = usize::try_from(threads)
         .unwrap_or(1)
         .clamp(1, 16)
-        .min(todo.len().max(1));
-    let hashed: Vec<std::io::Result<Vec<(usize, Digest)>>> = std::thread::scope(|s| {
+        .min(files.len().max(1));
+    /// A file's digest, and its stat data when the stat cache should learn it.
+    type Found = (usize, Digest, Option<std::fs::Metadata>);
+    let cache: &StatCache = stat;
+    let found: Vec<std::io::Result<Vec<Found>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| {
                     let mut out = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((p, _)) = todo.get(i) else { break };
+                        let Some(p) = files.get(i) else { break };
+                        let md = match context.is_some_and(|c| p.starts_with(c)) {
+                            true => Some(fs_err::symlink_metadata(p)?),
+                            false => None,
+                        };
+                        if let Some(d) = md.as_ref().and_then(|md| cache.lookup(p, md)) {
+                            out.push((i, d, None));
+                            continue;
+                        }
                         let f = fs_err::File::open(p)?;
-                        out.push((i, digest_reader(f)?.0));
+                        out.push((i, digest_reader(f)?.0, md));
                     }
                     Ok(out)
                 })
@@ -87,13 +88,13 @@ fn file_digests<'a>(
             })
             .collect()
     });
-    for part in hashed {
-        for (i, d) in part? {
-            let (p, md) = &todo[i];
+    let mut known = HashMap::with_capacity(files.len());
+    for part in found {
+        for (i, d, md) in part? {
             if let Some(md) = md {
-                stat.insert(p, md, d);
+                stat.insert(files[i], &md, d);
             }
-            known.insert(*p, d);
+            known.insert(files[i], d);
         }
     }
     Ok(known)

@@ -104,6 +104,19 @@ pub struct BuildArgs {
     pull: bool,
     #[command(flatten)]
     registry: super::registry::RegistryArgs,
+    /// After `--push`, hand the image to Flux: push a HelmRelease artifact to
+    /// `oci://REGISTRY/REPO:TAG` (see `strata deploy flux`; the image is the first `-t`).
+    #[arg(
+        long = "deploy-flux",
+        value_name = "oci://REF",
+        help_heading = "Deploy"
+    )]
+    deploy_flux: Option<String>,
+    /// Also point these tags at the Flux artifact (the environment); repeatable.
+    #[arg(long = "deploy-tag", value_name = "ENV", help_heading = "Deploy")]
+    deploy_tags: Vec<String>,
+    #[command(flatten, next_help_heading = "Deploy")]
+    flux: super::deploy::FluxOptions,
 }
 
 fn key_values(
@@ -206,6 +219,14 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
     if push && tags.is_empty() {
         return Err(UsageError("--push needs at least one -t registry/repo:tag".into()).into());
+    }
+    let deploy_flux = a
+        .deploy_flux
+        .as_deref()
+        .map(super::deploy::parse_artifact)
+        .transpose()?;
+    if deploy_flux.is_some() && !push {
+        return Err(UsageError("--deploy-flux needs --push".into()).into());
     }
     let compression: Compression = a.compression.parse().map_err(UsageError)?;
     let store = open_store()?;
@@ -314,6 +335,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
         store::export(&store, &out.image.descriptor(), target)?;
         renderer.note(&format!("exported to {target}"));
     }
+    let mut pushed_image = None;
     if push {
         for t in &tags {
             let dest: crate::registry::Reference = t
@@ -328,6 +350,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             ))?;
             transfers.finish();
             transfers.pushed(&dest, &report);
+            pushed_image.get_or_insert(dest.with_digest(report.digest));
         }
     }
     if let Some(c) = &cache_to {
@@ -346,6 +369,27 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
     // Tag last: a failed export or push leaves every name where it was.
     store.commit_image(&out.image, &tags)?;
+    if let (Some(dest), Some(image)) = (&deploy_flux, pushed_image) {
+        // The image config is at hand: no registry read is needed for its labels.
+        let info = crate::deploy::ImageInfo {
+            reference: image,
+            config: out.image.config.clone(),
+        };
+        let artifact = a.flux.push(
+            &rt,
+            &remote.client,
+            dest,
+            Some(&info),
+            &a.deploy_tags,
+            epoch_text.is_some().then_some(source_date_epoch),
+        )?;
+        renderer.note(&format!(
+            "handed to flux: image {} → artifact oci://{} (tags: {})",
+            info.pinned(),
+            artifact.reference,
+            artifact.tags.join(", ")
+        ));
+    }
     if let Some(f) = &a.iidfile {
         fs_err::write(f, out.digest.to_string())?;
     }

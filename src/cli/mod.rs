@@ -2,6 +2,7 @@
 //! reads the environment, the clock and the working directory.
 
 mod build;
+mod deploy;
 mod images;
 mod progress;
 mod registry;
@@ -57,6 +58,8 @@ enum Command {
     Tags(registry::TagsArgs),
     /// Delete a manifest from a registry.
     Delete(registry::DeleteArgs),
+    /// Hand an image to Kubernetes: a Flux OCI artifact, or server-side apply and rollout.
+    Deploy(deploy::DeployArgs),
     /// Run the publish backend: a build queue behind a JSON API.
     Serve(Box<serve::ServeArgs>),
 }
@@ -127,6 +130,7 @@ pub fn main() -> ExitCode {
         Command::Copy(a) => registry::copy(a),
         Command::Tags(a) => registry::tags(a),
         Command::Delete(a) => registry::delete(a),
+        Command::Deploy(a) => deploy::run(a),
         Command::Serve(a) => serve::run(*a),
     };
     match result {

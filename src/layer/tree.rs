@@ -489,7 +489,13 @@ impl FsTree {
             if anc.as_os_str().is_empty() {
                 break;
             }
-            if !self.nodes.get(anc).is_some_and(Node::is_dir) {
+            let is_dir = self.nodes.get(anc).is_some_and(Node::is_dir);
+            // A directory this layer already touched has directories all the way up (replacing
+            // or whiting out an ancestor removes its whole subtree): nothing more to check.
+            if is_dir && st.touched.contains(anc) {
+                break;
+            }
+            if !is_dir {
                 self.nodes
                     .insert(anc.to_path_buf(), Node::dir(IMPLICIT_DIR_MODE, 0, 0));
             }

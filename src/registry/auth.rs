@@ -124,7 +124,7 @@ struct RegistryState {
 /// Credentials, challenges and tokens for every registry one client talks to.
 pub(crate) struct Authenticator {
     credentials: Arc<dyn CredentialProvider>,
-    http: reqwest::Client,
+    http: super::transport::LazyHttp,
     retry: RetryPolicy,
     scheme: SchemePolicy,
     state: Mutex<HashMap<String, RegistryState>>,
@@ -140,7 +140,7 @@ struct TokenResponse {
 impl Authenticator {
     pub(crate) fn new(
         credentials: Arc<dyn CredentialProvider>,
-        http: reqwest::Client,
+        http: super::transport::LazyHttp,
         retry: RetryPolicy,
         scheme: SchemePolicy,
     ) -> Authenticator {
@@ -300,9 +300,9 @@ impl Authenticator {
                     form.append_pair("client_id", "strata");
                     bytes::Bytes::from(form.finish())
                 };
+                let http = self.http.client()?;
                 let r = retry::send(&self.retry, &Method::POST, &realm, || {
-                    self.http
-                        .post(realm.clone())
+                    http.post(realm.clone())
                         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                         .body(body.clone())
                 })
@@ -326,8 +326,9 @@ impl Authenticator {
                     }
                     _ => None,
                 };
+                let http = self.http.client()?;
                 let r = retry::send(&self.retry, &Method::GET, &url, || {
-                    let rb = self.http.get(url.clone());
+                    let rb = http.get(url.clone());
                     match &basic {
                         Some(h) => rb.header(AUTHORIZATION, h.clone()),
                         None => rb,

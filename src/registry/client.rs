@@ -61,7 +61,7 @@ impl ManifestResponse {
 }
 
 pub(crate) struct Inner {
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: super::transport::LazyHttp,
     pub(crate) opts: ClientOptions,
     pub(crate) retry: RetryPolicy,
     pub(crate) once: RetryPolicy,
@@ -143,9 +143,11 @@ impl Client {
         if !self.inner.scheme.needs_probe(host) {
             return;
         }
-        let probe = self
-            .inner
-            .http
+        let Ok(http) = self.inner.http.client() else {
+            // The request that follows reports why there is no client.
+            return;
+        };
+        let probe = http
             .get(format!("https://{host}/v2/"))
             .timeout(std::time::Duration::from_secs(10))
             .send()
@@ -221,10 +223,11 @@ impl Client {
             &self.inner.once
         };
         let mut reauthenticated = false;
+        let http = self.inner.http.client()?;
         loop {
             let auth = self.inner.auth.header(registry, scopes).await?;
             let resp = retry::send(policy, &method, url, || {
-                let rb = decorate(self.inner.http.request(method.clone(), url.clone()));
+                let rb = decorate(http.request(method.clone(), url.clone()));
                 match &auth {
                     Some(h) => rb.header(AUTHORIZATION, h.clone()),
                     None => rb,

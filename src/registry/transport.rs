@@ -193,10 +193,47 @@ pub(crate) fn host_port(url: &Url) -> String {
 
 /// Build the reqwest client: rustls (platform verifier) plus `ca_files` as extra roots,
 /// timeouts, and a redirect policy that never downgrades to plain HTTP.
+/// The HTTP client, built on first use. Building it loads the system's root certificates
+/// (about 150 files under /etc/ssl/certs, tens of milliseconds): a build that never talks to a
+/// registry (`FROM scratch`, a cached base) should not pay that. CA files given with
+/// `--ca-file` are still read and checked up front.
+#[derive(Clone)]
+pub(crate) struct LazyHttp(Arc<LazyInner>);
+
+struct LazyInner {
+    opts: ClientOptions,
+    policy: SchemePolicy,
+    certs: Vec<reqwest::Certificate>,
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl LazyHttp {
+    /// The client, building it the first time.
+    pub(crate) fn client(&self) -> Result<&reqwest::Client, RegistryError> {
+        let inner = &self.0;
+        inner
+            .client
+            .get_or_init(|| build_http(&inner.opts, &inner.policy, &inner.certs))
+            .as_ref()
+            .map_err(|msg| RegistryError::Setup {
+                msg: format!("cannot build the http client: {msg}"),
+                source: None,
+            })
+    }
+}
+
+impl std::fmt::Debug for LazyHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyHttp")
+            .field("built", &self.0.client.get().is_some())
+            .finish()
+    }
+}
+
 pub(crate) fn http_client(
     opts: &ClientOptions,
     policy: &SchemePolicy,
-) -> Result<reqwest::Client, RegistryError> {
+) -> Result<LazyHttp, RegistryError> {
     let mut certs = Vec::new();
     for path in &opts.ca_files {
         let pem = fs_err::read(path).map_err(|e| RegistryError::Setup {
@@ -216,6 +253,19 @@ pub(crate) fn http_client(
         }
         certs.extend(found);
     }
+    Ok(LazyHttp(Arc::new(LazyInner {
+        opts: opts.clone(),
+        policy: policy.clone(),
+        certs,
+        client: std::sync::OnceLock::new(),
+    })))
+}
+
+fn build_http(
+    opts: &ClientOptions,
+    policy: &SchemePolicy,
+    certs: &[reqwest::Certificate],
+) -> Result<reqwest::Client, String> {
     let redirect_policy = policy.clone();
     let redirect = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= 10 {
@@ -232,11 +282,16 @@ pub(crate) fn http_client(
         .read_timeout(opts.read_timeout)
         .redirect(redirect);
     if !certs.is_empty() {
-        builder = builder.tls_certs_merge(certs);
+        builder = builder.tls_certs_merge(certs.to_vec());
     }
-    builder.build().map_err(|e| RegistryError::Setup {
-        msg: "cannot build the http client".into(),
-        source: Some(Box::new(e)),
+    builder.build().map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
     })
 }
 
