@@ -5,7 +5,8 @@
 //! Cancellation is checked between phases, at every build event (a step starting or
 //! ending: the build unwinds from there, and its work directory is removed as the stack
 //! unwinds) and during the push (the upload futures are dropped before the manifest is
-//! sent). Nothing is tagged, locally or in the registry, unless every phase completed.
+//! sent). Nothing is tagged, locally or in the registry, unless every phase completed; a
+//! deploy hand-off (a Flux artifact) runs after the image is pushed.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use super::deploy::{self, DeploySpec};
 use super::spec::BuildSpec;
 use crate::build::{self, BuildOptions, Event};
 use crate::media::{Compression, Platform};
@@ -98,6 +100,8 @@ pub struct JobResult {
     pub cache_hits: u64,
     /// Steps that made or reused a layer.
     pub layer_steps: u64,
+    /// The hand-off's result.
+    pub deploy: Option<Value>,
 }
 
 /// What every job of this server shares.
@@ -337,6 +341,7 @@ pub fn run(
 
     let image_ref: Reference = spec.image.parse()?;
     let mut tags = vec![spec.image.clone()];
+    let mut deployed = None;
     if spec.push {
         let report = until_cancelled(
             engine,
@@ -348,6 +353,24 @@ pub fn run(
                     "blobs": report.blobs.len()}),
         );
         tags = vec![spec.image.clone()];
+        if let Some(d) = &spec.deploy {
+            let d = DeploySpec::validate(d).map_err(|e| failed(e.0))?;
+            let values_text = checkout
+                .read_file(&d.flux.values)?
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let pushed = deploy::Pushed {
+                image: &image_ref,
+                digest: report.digest,
+                config: &out.image.config_bytes,
+                values_text,
+                repository: &spec.repository,
+                commit: &commit,
+                commit_time: checkout.commit_time,
+            };
+            let result = until_cancelled(engine, cancel, deploy::flux(&client, &d.flux, pushed))??;
+            emit(json!({"type": "deployed", "result": result}));
+            deployed = Some(result);
+        }
     }
     if let Some(c) = &engine.cache_to {
         let r = until_cancelled(
@@ -370,6 +393,7 @@ pub fn run(
     Ok(JobResult {
         digest: out.digest.to_string(),
         tags,
+        deploy: deployed,
         cache_hits: out.cache_hits,
         layer_steps,
     })

@@ -865,3 +865,73 @@ fn cancel_between_build_steps_unwinds_cleanly() {
     assert_eq!(env.names(), [reg.image("ttd/after-app:1")]);
     env.fsck();
 }
+
+#[test]
+fn publish_with_a_flux_hand_off_pushes_the_artifact() {
+    use std::io::Read;
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let (url, commit) = app_repo(&git, "repos/ttd/flux-app.git", 0);
+    let reg = Registry::anonymous();
+    let env = Env::new();
+    let serve = Serve::start(&env, &[]);
+    let image = reg.image("ttd/flux-app:1");
+    let mut req = publish(&url, &image);
+    req["deploy"] = json!({"flux": {
+        "artifact": format!("oci://{}", reg.image("configs/flux-app:at22-1")),
+        "tags": ["at22"], "release": "ttd-flux-app", "chart_version": "3.x",
+        "deployment_id": "deploy-42",
+        "set_from_label": {"maskinporten.scopes": "studio.altinn.maskinporten.scopes"},
+    }});
+    let id = serve.submit(&req);
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    let flux = &b["deploy"]["flux"];
+    let digest = flux["digest"].as_str().expect("artifact digest");
+    assert_eq!(
+        registry_digest(&reg, "configs/flux-app", "at22").as_deref(),
+        Some(digest)
+    );
+    assert_eq!(
+        registry_digest(&reg, "configs/flux-app", "at22-1").as_deref(),
+        Some(digest)
+    );
+    assert!(serve.events(&id).iter().any(|(_, k, _)| k == "deployed"));
+
+    // The artifact holds the HelmRelease for the pushed image, pinned by digest.
+    let m = reg
+        .http(
+            "GET",
+            "/v2/configs/flux-app/manifests/at22",
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            b"",
+        )
+        .expect("manifest")
+        .json();
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.revision"],
+        commit.as_str()
+    );
+    let layer = m["layers"][0]["digest"].as_str().expect("layer");
+    let blob = reg
+        .http(
+            "GET",
+            &format!("/v2/configs/flux-app/blobs/{layer}"),
+            &[],
+            b"",
+        )
+        .expect("blob")
+        .body;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+    let mut yaml = String::new();
+    for e in tar.entries().expect("tar") {
+        let mut e = e.expect("entry");
+        if e.path().expect("path").to_string_lossy() == "helmrelease.yaml" {
+            e.read_to_string(&mut yaml).expect("read");
+        }
+    }
+    let image_digest = b["digest"].as_str().expect("digest");
+    assert!(yaml.contains(&format!("1@{image_digest}")), "{yaml}");
+    assert!(yaml.contains("replicaCount: 2"), "{yaml}");
+    assert!(yaml.contains("deploy-42"), "{yaml}");
+    assert!(yaml.contains("name: ttd-flux-app"), "{yaml}");
+}
