@@ -23,4 +23,5 @@ mod relay_copy;
 mod reproducible;
 mod run;
 mod serve;
+mod serve_durable;
 mod store;
