@@ -119,6 +119,8 @@ pub struct Engine {
     pub cache_to: Option<Reference>,
     /// Compression threads per build.
     pub threads: u32,
+    /// The cluster `deploy.apply` applies to (`None`: refused).
+    pub cluster: Option<crate::deploy::KubeTarget>,
 }
 
 /// A sink for a job's JSON events (sync: called from the build thread).
@@ -355,21 +357,60 @@ pub fn run(
         tags = vec![spec.image.clone()];
         if let Some(d) = &spec.deploy {
             let d = DeploySpec::validate(d).map_err(|e| failed(e.0))?;
-            let values_text = checkout
-                .read_file(&d.flux.values)?
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let pushed = deploy::Pushed {
-                image: &image_ref,
-                digest: report.digest,
-                config: &out.image.config_bytes,
-                values_text,
-                repository: &spec.repository,
-                commit: &commit,
-                commit_time: checkout.commit_time,
-            };
-            let result = until_cancelled(engine, cancel, deploy::flux(&client, &d.flux, pushed))??;
-            emit(json!({"type": "deployed", "result": result}));
-            deployed = Some(result);
+            let mut result = serde_json::Map::new();
+            if let Some(f) = &d.flux {
+                let values_text = checkout
+                    .read_file(&f.values)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned());
+                let pushed = deploy::Pushed {
+                    image: &image_ref,
+                    digest: report.digest,
+                    config: &out.image.config_bytes,
+                    values_text,
+                    repository: &spec.repository,
+                    commit: &commit,
+                    commit_time: checkout.commit_time,
+                };
+                let r = until_cancelled(engine, cancel, deploy::flux(&client, f, pushed))??;
+                emit(json!({"type": "deployed", "flux": r}));
+                result.insert("flux".into(), r);
+            }
+            if let Some(a) = &d.apply {
+                let cluster = engine.cluster.as_ref().ok_or_else(|| {
+                    failed("deploy.apply: this server has no cluster (--kubeconfig)")
+                })?;
+                let mut manifests = Vec::new();
+                for m in &a.manifests {
+                    let bytes = checkout
+                        .read_file(m)?
+                        .ok_or_else(|| failed(format!("{m} not found in {ctx} at {commit}")))?;
+                    manifests.push((m.clone(), String::from_utf8_lossy(&bytes).into_owned()));
+                }
+                let progress = |v: Value| emit(v);
+                let r = until_cancelled(
+                    engine,
+                    cancel,
+                    deploy::apply(
+                        &client,
+                        cluster,
+                        a,
+                        deploy::Pushed {
+                            image: &image_ref,
+                            digest: report.digest,
+                            config: &out.image.config_bytes,
+                            values_text: None,
+                            repository: &spec.repository,
+                            commit: &commit,
+                            commit_time: checkout.commit_time,
+                        },
+                        manifests,
+                        &progress,
+                    ),
+                )??;
+                emit(json!({"type": "deployed", "apply": r}));
+                result.insert("apply".into(), r);
+            }
+            deployed = Some(Value::Object(result));
         }
     }
     if let Some(c) = &engine.cache_to {

@@ -578,3 +578,66 @@ fn publish_with_a_flux_hand_off_pushes_the_artifact() {
     assert!(yaml.contains("deploy-42"), "{yaml}");
     assert!(yaml.contains("name: ttd-flux-app"), "{yaml}");
 }
+
+#[test]
+fn publish_with_apply_waits_for_the_rollout_and_reports_a_crash() {
+    use crate::deploy_kube::{FakeKube, Scenario};
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let (url, _) = app_repo(&git, "repos/ttd/kube-app.git", 0);
+    let reg = Registry::anonymous();
+    let mut req = publish(&url, &reg.image("ttd/kube-app:1"));
+    req["deploy"] = json!({"apply": {"name": "kube-app", "timeout_seconds": 60}});
+
+    let env = Env::new();
+    let healthy = FakeKube::start_with(Scenario::Healthy, Some("kube-t0ken"));
+    let kc = env.path("kubeconfig");
+    std::fs::write(&kc, healthy.kubeconfig_token("kube-t0ken", "ttd")).expect("kubeconfig");
+    let serve = Serve::start(&env, &["--kubeconfig", kc.to_str().expect("utf-8")]);
+    let id = serve.submit(&req);
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(
+        b["deploy"]["apply"]["rolled_out"],
+        json!(["ttd/deployment/kube-app"])
+    );
+    let digest = b["digest"].as_str().expect("digest");
+    let patch = healthy
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH" && r.path.ends_with("/deployments/kube-app"))
+        .expect("the Deployment was applied");
+    let body = String::from_utf8_lossy(&patch.body).into_owned();
+    assert!(
+        body.contains(&format!("{}@{digest}", reg.image("ttd/kube-app"))),
+        "pinned: {body}"
+    );
+    let events = serve.events(&id);
+    assert!(
+        events
+            .iter()
+            .any(|(_, k, v)| k == "rollout" && v["complete"] == true),
+        "{events:?}"
+    );
+
+    // A crashing pod is a failed publish, with the reason.
+    let env2 = Env::new();
+    let crashing = FakeKube::start(Scenario::CrashLoop);
+    let kc2 = env2.path("kubeconfig");
+    std::fs::write(&kc2, crashing.kubeconfig_token("x", "ttd")).expect("kubeconfig");
+    let serve2 = Serve::start(&env2, &["--kubeconfig", kc2.to_str().expect("utf-8")]);
+    let mut req2 = req.clone();
+    req2["image"] = json!(reg.image("ttd/kube-app:2"));
+    let id2 = serve2.submit(&req2);
+    let b2 = serve2.wait_final(&id2, 120);
+    assert_eq!(b2["state"], "failed", "{b2:#}");
+    let err = b2["error"].as_str().unwrap_or_default();
+    assert!(err.contains("CrashLoopBackOff"), "{err}");
+
+    // Without a cluster, apply is refused up front.
+    let env3 = Env::new();
+    let serve3 = Serve::start(&env3, &[]);
+    let r = serve3.req("POST", "/api/v1/builds", req.to_string().as_bytes());
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("--kubeconfig"), "{msg}");
+}
