@@ -342,7 +342,7 @@ pub fn run(
     check(cancel)?;
 
     let image_ref: Reference = spec.image.parse()?;
-    let mut tags = vec![spec.image.clone()];
+    let tags = vec![spec.image.clone()];
     let mut deployed = None;
     if spec.push {
         let report = until_cancelled(
@@ -354,7 +354,6 @@ pub fn run(
             json!({"type": "pushed", "reference": spec.image, "digest": report.digest.to_string(),
                     "blobs": report.blobs.len()}),
         );
-        tags = vec![spec.image.clone()];
         if let Some(d) = &spec.deploy {
             let d = DeploySpec::validate(d).map_err(|e| failed(e.0))?;
             let mut result = serde_json::Map::new();
