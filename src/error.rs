@@ -39,12 +39,12 @@ pub enum Error {
     /// A build failed.
     #[error(transparent)]
     Build(#[from] crate::build::BuildError),
-    /// The hand-off to Kubernetes failed.
-    #[error(transparent)]
-    Deploy(#[from] crate::deploy::DeployError),
     /// The publish backend failed.
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
+    /// The hand-off to Kubernetes failed.
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
     /// An I/O error (fs-err errors name their path).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -84,6 +84,16 @@ pub struct ServeArgs {
     /// Export each build's layer cache to this registry reference.
     #[arg(long = "cache-to", value_name = "REF")]
     cache_to: Option<String>,
+    /// Kubeconfig of the cluster `deploy.apply` builds apply to (repeatable, merged like
+    /// `KUBECONFIG`); without it (and outside a cluster) such builds are refused.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Vec<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long = "kube-context", value_name = "NAME")]
+    kube_context: Option<String>,
+    /// Apply with the in-cluster service account (when running in Kubernetes).
+    #[arg(long = "in-cluster", conflicts_with = "kubeconfig")]
+    in_cluster: bool,
     /// Compression threads per build (default: the number of CPUs).
     #[arg(long, env = "STRATA_THREADS")]
     threads: Option<u32>,
@@ -248,6 +258,10 @@ pub(super) fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         cache_from,
         cache_to,
         threads,
+        cluster: (a.in_cluster || !a.kubeconfig.is_empty()).then(|| crate::deploy::KubeTarget {
+            kubeconfigs: a.kubeconfig.clone(),
+            context: a.kube_context.clone(),
+        }),
     };
     let std_listener =
         std::net::TcpListener::bind(a.listen).with_context(|| format!("listen on {}", a.listen))?;

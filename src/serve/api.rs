@@ -145,6 +145,16 @@ pub(crate) async fn enqueue(
     key: Option<String>,
 ) -> ApiResult<(Build, bool)> {
     let (spec, token) = req.validate().map_err(|e| bad(e.0))?;
+    if s.engine.cluster.is_none()
+        && spec
+            .deploy
+            .as_ref()
+            .is_some_and(|d| d.get("apply").is_some())
+    {
+        return Err(bad(
+            "deploy.apply: this server has no cluster to apply to (start it with --kubeconfig)",
+        ));
+    }
     let id = new_id();
     let sealed = match token {
         Some(t) => Some(s.seal.seal(&id, &t).map_err(|e| {

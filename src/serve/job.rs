@@ -5,7 +5,8 @@
 //! Cancellation is checked between phases, at every build event (a step starting or
 //! ending: the build unwinds from there, and its work directory is removed as the stack
 //! unwinds) and during the push (the upload futures are dropped before the manifest is
-//! sent). Nothing is tagged, locally or in the registry, unless every phase completed.
+//! sent). Nothing is tagged, locally or in the registry, unless every phase completed; a
+//! deploy hand-off (a Flux artifact) runs after the image is pushed.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use super::deploy::{self, DeploySpec};
 use super::spec::BuildSpec;
 use crate::build::{self, BuildOptions, Event};
 use crate::media::{Compression, Platform};
@@ -98,6 +100,8 @@ pub struct JobResult {
     pub cache_hits: u64,
     /// Steps that made or reused a layer.
     pub layer_steps: u64,
+    /// The hand-off's result.
+    pub deploy: Option<Value>,
 }
 
 /// What every job of this server shares.
@@ -115,6 +119,8 @@ pub struct Engine {
     pub cache_to: Option<Reference>,
     /// Compression threads per build.
     pub threads: u32,
+    /// The cluster `deploy.apply` applies to (`None`: refused).
+    pub cluster: Option<crate::deploy::KubeTarget>,
 }
 
 /// A sink for a job's JSON events (sync: called from the build thread).
@@ -338,7 +344,8 @@ pub fn run(
     check(cancel)?;
 
     let image_ref: Reference = spec.image.parse()?;
-    let mut tags = vec![spec.image.clone()];
+    let tags = vec![spec.image.clone()];
+    let mut deployed = None;
     if spec.push {
         let report = until_cancelled(
             engine,
@@ -349,7 +356,63 @@ pub fn run(
             json!({"type": "pushed", "reference": spec.image, "digest": report.digest.to_string(),
                     "blobs": report.blobs.len()}),
         );
-        tags = vec![spec.image.clone()];
+        if let Some(d) = &spec.deploy {
+            let d = DeploySpec::validate(d).map_err(|e| failed(e.0))?;
+            let mut result = serde_json::Map::new();
+            if let Some(f) = &d.flux {
+                let values_text = checkout
+                    .read_file(&f.values)?
+                    .map(|b| String::from_utf8_lossy(&b).into_owned());
+                let pushed = deploy::Pushed {
+                    image: &image_ref,
+                    digest: report.digest,
+                    config: &out.image.config_bytes,
+                    values_text,
+                    repository: &spec.repository,
+                    commit: &commit,
+                    commit_time: checkout.commit_time,
+                };
+                let r = until_cancelled(engine, cancel, deploy::flux(&client, f, pushed))??;
+                emit(json!({"type": "deployed", "flux": r}));
+                result.insert("flux".into(), r);
+            }
+            if let Some(a) = &d.apply {
+                let cluster = engine.cluster.as_ref().ok_or_else(|| {
+                    failed("deploy.apply: this server has no cluster (--kubeconfig)")
+                })?;
+                let mut manifests = Vec::new();
+                for m in &a.manifests {
+                    let bytes = checkout
+                        .read_file(m)?
+                        .ok_or_else(|| failed(format!("{m} not found in {ctx} at {commit}")))?;
+                    manifests.push((m.clone(), String::from_utf8_lossy(&bytes).into_owned()));
+                }
+                let progress = |v: Value| emit(v);
+                let r = until_cancelled(
+                    engine,
+                    cancel,
+                    deploy::apply(
+                        &client,
+                        cluster,
+                        a,
+                        deploy::Pushed {
+                            image: &image_ref,
+                            digest: report.digest,
+                            config: &out.image.config_bytes,
+                            values_text: None,
+                            repository: &spec.repository,
+                            commit: &commit,
+                            commit_time: checkout.commit_time,
+                        },
+                        manifests,
+                        &progress,
+                    ),
+                )??;
+                emit(json!({"type": "deployed", "apply": r}));
+                result.insert("apply".into(), r);
+            }
+            deployed = Some(Value::Object(result));
+        }
     }
     if let Some(c) = &engine.cache_to {
         let r = until_cancelled(
@@ -372,6 +435,7 @@ pub fn run(
     Ok(JobResult {
         digest: out.digest.to_string(),
         tags,
+        deploy: deployed,
         cache_hits: out.cache_hits,
         layer_steps,
     })

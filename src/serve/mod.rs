@@ -7,6 +7,7 @@
 //! an [`Engine`] in; this module reads only the clock.
 
 mod api;
+pub mod deploy;
 mod hook;
 pub mod job;
 mod metrics;

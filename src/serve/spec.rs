@@ -49,7 +49,7 @@ pub struct BuildRequest {
     /// The target stage.
     #[serde(default)]
     pub target: Option<String>,
-    /// A hand-off after the push (Flux artifact); recorded and passed to the deploy step.
+    /// A hand-off after the push: `{"flux": {…}}` (see [`super::deploy::FluxSpec`]).
     #[serde(default)]
     pub deploy: Option<serde_json::Value>,
 }
@@ -280,12 +280,13 @@ impl BuildRequest {
                 "git_token is longer than 4096 bytes or has control characters",
             ));
         }
-        if self.deploy.is_some() {
-            // Refused rather than ignored: a publish must not report success for a hand-off
-            // it did not do.
-            return Err(invalid(
-                "deploy is not supported by this server yet (build and push only)",
-            ));
+        if let Some(d) = &self.deploy {
+            super::deploy::DeploySpec::validate(d)?;
+            if !self.push {
+                return Err(invalid(
+                    "deploy needs push: the cluster pulls from the registry",
+                ));
+            }
         }
         let spec = BuildSpec {
             repository: self.repository,

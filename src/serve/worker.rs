@@ -155,7 +155,7 @@ async fn run_claimed(shared: &Arc<Shared>, me: &str, c: Claimed) {
             digest: Some(r.digest.clone()),
             tags: r.tags.clone(),
             error: None,
-            deploy: None,
+            deploy: r.deploy.clone(),
         },
         Err(JobError::Cancelled) => Outcome {
             state: State::Cancelled,

@@ -25,4 +25,5 @@ mod run;
 mod run_compat;
 mod run_mounts;
 mod serve;
+mod serve_durable;
 mod store;

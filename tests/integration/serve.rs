@@ -1,7 +1,7 @@
 //! `strata serve` end to end on real parts: an Altinn-shaped app repository served by
 //! `git http-backend`, the CNCF registry, the binary on a loopback port. Publish → events →
-//! image in the registry; auth and validation; delete and cancel; kill -9 durability; the
-//! Gitea webhook; PostgreSQL replicas.
+//! image (and Flux artifact) in the registry; auth and validation; the Gitea webhook; load.
+//! Durability (cancel, kill -9, restarts, PostgreSQL replicas) is in `serve_durable`.
 
 use std::time::{Duration, Instant};
 
@@ -11,16 +11,6 @@ use crate::common::*;
 use crate::git_server::{Auth, GitServer};
 use crate::registry::Registry;
 use crate::serve_support::*;
-
-const GIT_TOKEN: &str = "gitea-token-3f9a1c";
-
-fn publish(repo: &str, image: &str) -> Value {
-    json!({
-        "repository": repo, "ref": "main", "context": "", "dockerfile": "Dockerfile",
-        "image": image, "push": true, "git_token": GIT_TOKEN,
-        "build_args": {}, "labels": {"studio.altinn.app": "ttd/serve-app"},
-    })
-}
 
 #[test]
 fn publish_streams_events_and_pushes_the_image() {
@@ -335,169 +325,6 @@ fn api_needs_a_token_unless_loopback_and_insecure() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
 
-/// A build of a repository with `mb` MiB of incompressible media, pushed through a proxy at
-/// `rate` bytes a second.
-fn slow_setup(git: &GitServer, name: &str, mb: usize) -> String {
-    app_repo(git, &format!("repos/ttd/{name}.git"), mb << 20).0
-}
-
-fn wait_event(serve: &Serve, id: &str, kind: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let evs = events_so_far(serve, id);
-        if evs.iter().any(|e| e["type"] == kind) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {kind} event for {id}: {evs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The events stored so far: what an SSE listener gets in its first 700 ms.
-fn events_so_far(serve: &Serve, id: &str) -> Vec<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(serve.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(700)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /api/v1/builds/{id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
-    while let Ok(n) = s.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let text = String::from_utf8_lossy(&buf);
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter_map(|d| serde_json::from_str(d.trim()).ok())
-        .collect()
-}
-
-#[test]
-fn delete_queued_and_cancel_running_builds() {
-    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    let url = slow_setup(&git, "slow-app", 6);
-    let reg = Registry::anonymous();
-    let slow = Throttle::start(reg.addr(), 256 * 1024);
-    let env = Env::new();
-    let serve = Serve::start(&env, &["--workers", "1"]);
-
-    let running = serve.submit(&publish(&url, &slow.image("ttd/slow-app:1")));
-    let queued = serve.submit(&publish(&url, &slow.image("ttd/slow-app:2")));
-    wait_event(&serve, &running, "built", 120);
-    assert_eq!(
-        serve.build(&queued)["state"],
-        "queued",
-        "same app: waits its turn"
-    );
-
-    let r = serve.req("DELETE", &format!("/api/v1/builds/{queued}"), b"");
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["state"], "cancelled");
-
-    let asked = Instant::now();
-    let r = serve.req("DELETE", &format!("/api/v1/builds/{running}"), b"");
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let b = serve.wait_final(&running, 30);
-    assert_eq!(b["state"], "cancelled", "{b:#}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "stopped promptly"
-    );
-    assert_eq!(b["digest"], Value::Null);
-    assert_eq!(serve.build(&queued)["state"], "cancelled");
-    // Deleting an ended build is a conflict, not a crash.
-    assert_eq!(
-        serve
-            .req("DELETE", &format!("/api/v1/builds/{running}"), b"")
-            .status,
-        409
-    );
-
-    // Nothing tagged: not in the registry, not in the store; no temp files left.
-    slow.set_rate(0);
-    assert!(registry_tags(&reg, "ttd/slow-app").is_empty());
-    let events = serve.events(&running);
-    assert_eq!(events.last().expect("events").2["state"], "cancelled");
-    drop(serve);
-    assert!(env.names().is_empty(), "{:?}", env.names());
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
-    env.fsck();
-}
-
-#[test]
-fn kill_9_mid_build_requeues_once_and_finishes_exactly_once() {
-    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    let slow_url = slow_setup(&git, "big-app", 6);
-    let (small_url, _) = app_repo(&git, "repos/ttd/small-app.git", 0);
-    let reg = Registry::anonymous();
-    let slow = Throttle::start(reg.addr(), 256 * 1024);
-    let env = Env::new();
-    let mut serve = Serve::start(&env, &["--workers", "1"]);
-
-    let a = serve.submit(&publish(&slow_url, &slow.image("ttd/big-app:1")));
-    let b = serve.submit(&publish(&small_url, &reg.image("ttd/small-app:1")));
-    let c = serve.submit(&publish(&slow_url, &reg.image("ttd/big-app:2")));
-    wait_event(&serve, &a, "built", 120);
-    serve.kill9();
-
-    slow.set_rate(0);
-    let serve = Serve::start(&env, &["--workers", "2"]);
-    let mut digests = Vec::new();
-    for id in [&a, &b, &c] {
-        let build = serve.wait_final(id, 180);
-        assert_eq!(build["state"], "succeeded", "{build:#}");
-        digests.push(build["digest"].as_str().expect("digest").to_string());
-    }
-    assert_eq!(serve.build(&a)["attempts"], 2, "re-queued once");
-    assert_eq!(serve.build(&b)["attempts"], 1);
-    assert_eq!(serve.build(&c)["attempts"], 1);
-    for id in [&a, &b, &c] {
-        let finals: Vec<Value> = serve
-            .events(id)
-            .into_iter()
-            .map(|(_, _, v)| v)
-            .filter(|v| v["type"] == "state" && v["state"] == "succeeded")
-            .collect();
-        assert_eq!(finals.len(), 1, "{id} finished once: {finals:?}");
-    }
-    let a_events = serve.events(&a);
-    assert!(
-        a_events
-            .iter()
-            .any(|(_, _, v)| v["state"] == "queued" && v["reason"].is_string()),
-        "the re-queue is in the log"
-    );
-    assert_eq!(
-        registry_digest(&reg, "ttd/big-app", "1").as_deref(),
-        Some(digests[0].as_str())
-    );
-    assert_eq!(
-        registry_digest(&reg, "ttd/small-app", "1").as_deref(),
-        Some(digests[1].as_str())
-    );
-    assert_eq!(
-        registry_digest(&reg, "ttd/big-app", "2").as_deref(),
-        Some(digests[2].as_str())
-    );
-    assert_eq!(digests[0], digests[2], "same commit, same image");
-    drop(serve);
-    env.fsck();
-}
-
 #[test]
 fn gitea_webhook_needs_a_valid_signature() {
     use hmac::{KeyInit, Mac};
@@ -576,122 +403,6 @@ fn gitea_webhook_needs_a_valid_signature() {
     assert!(registry_digest(&reg, "ttd/hook-app", &commit[..12]).is_some());
     let all = serve.req("GET", "/api/v1/builds", b"").json();
     assert_eq!(all["builds"].as_array().map(Vec::len), Some(1));
-}
-
-#[test]
-fn postgres_replicas_run_each_build_exactly_once() {
-    let pg = Postgres::start();
-    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    let repos: Vec<String> = (0..5)
-        .map(|i| app_repo(&git, &format!("repos/ttd/pg-app-{i}.git"), 0).0)
-        .collect();
-    let reg = Registry::anonymous();
-    let key_dir = Env::new();
-    let key = key_dir.path("secret.key");
-    std::fs::write(&key, "ab".repeat(32)).expect("key");
-    let flags = |w: &'static str| {
-        vec![
-            "--database".to_string(),
-            pg.url(),
-            "--secret-key-file".to_string(),
-            key.to_str().expect("utf-8").to_string(),
-            "--workers".to_string(),
-            w.to_string(),
-            "--poll".to_string(),
-            "200ms".to_string(),
-        ]
-    };
-    // Two machines: each its own store, one queue.
-    let (env_a, env_b) = (Env::new(), Env::new());
-    let fa = flags("2");
-    let fb = flags("2");
-    let a = Serve::start(&env_a, &fa.iter().map(String::as_str).collect::<Vec<_>>());
-    let b = Serve::start(&env_b, &fb.iter().map(String::as_str).collect::<Vec<_>>());
-
-    let mut ids = Vec::new();
-    for n in 0..20 {
-        let server = if n % 2 == 0 { &a } else { &b };
-        let repo = &repos[n % repos.len()];
-        let image = reg.image(&format!("ttd/pg-app-{}:{n}", n % repos.len()));
-        ids.push(server.submit(&publish(repo, &image)));
-    }
-    let mut builds = Vec::new();
-    for id in &ids {
-        let build = a.wait_final(id, 240);
-        assert_eq!(build["state"], "succeeded", "{build:#}");
-        assert_eq!(build["attempts"], 1, "{build:#}");
-        builds.push(build);
-    }
-    for (n, id) in ids.iter().enumerate() {
-        let runs = a
-            .events(id)
-            .into_iter()
-            .filter(|(_, _, v)| v["type"] == "state" && v["state"] == "running")
-            .count();
-        assert_eq!(runs, 1, "build {n} ran {runs} times");
-        let tag = n.to_string();
-        let repo = format!("ttd/pg-app-{}", n % repos.len());
-        assert_eq!(
-            registry_digest(&reg, &repo, &tag).as_deref(),
-            builds[n]["digest"].as_str()
-        );
-    }
-    // Builds of one app ran one after another, in order. The timestamps are each server's
-    // clock read just before its statement, so a claim may carry a time a few ms before the
-    // commit of the finish that allowed it.
-    let ms = |t: &str| -> i64 {
-        let time = &t[11..23];
-        let n = |a: usize, b: usize| time[a..b].parse::<i64>().expect("number");
-        ((n(0, 2) * 60 + n(3, 5)) * 60 + n(6, 8)) * 1000 + n(9, 12)
-    };
-    for r in 0..repos.len() {
-        let mine: Vec<&Value> = builds.iter().skip(r).step_by(repos.len()).collect();
-        for pair in mine.windows(2) {
-            let (prev_end, next_start) = (
-                pair[0]["finished_at"].as_str().expect("finished"),
-                pair[1]["started_at"].as_str().expect("started"),
-            );
-            assert!(
-                ms(prev_end) <= ms(next_start) + 250,
-                "{prev_end} > {next_start}"
-            );
-        }
-    }
-    let started = |s: &Serve| s.log_text().matches("build started").count();
-    let (na, nb) = (started(&a), started(&b));
-    eprintln!("replica a ran {na} builds, replica b {nb}");
-    assert_eq!(na + nb, 20, "a ran {na}, b ran {nb}");
-    drop((a, b));
-    env_a.fsck();
-    env_b.fsck();
-}
-
-#[test]
-fn sigterm_gives_running_builds_back_without_using_an_attempt() {
-    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    let url = slow_setup(&git, "term-app", 4);
-    let reg = Registry::anonymous();
-    let slow = Throttle::start(reg.addr(), 256 * 1024);
-    let env = Env::new();
-    let mut serve = Serve::start(&env, &["--workers", "1"]);
-    let id = serve.submit(&publish(&url, &slow.image("ttd/term-app:1")));
-    wait_event(&serve, &id, "built", 120);
-    let asked = Instant::now();
-    serve.stop();
-    assert!(
-        asked.elapsed() < Duration::from_secs(15),
-        "stopped promptly"
-    );
-    assert!(registry_tags(&reg, "ttd/term-app").is_empty());
-
-    slow.set_rate(0);
-    let serve = Serve::start(&env, &[]);
-    let b = serve.wait_final(&id, 120);
-    assert_eq!(b["state"], "succeeded", "{b:#}");
-    assert_eq!(b["attempts"], 1, "a clean stop does not count");
-    assert!(registry_digest(&reg, "ttd/term-app", "1").is_some());
-    drop(serve);
-    env.fsck();
 }
 
 /// One client's (submit?, latency) per request, and its errors.
@@ -799,69 +510,134 @@ fn two_hundred_clients_list_and_submit_without_errors() {
 }
 
 #[test]
-fn finished_builds_are_pruned_after_the_retention() {
+fn publish_with_a_flux_hand_off_pushes_the_artifact() {
+    use std::io::Read;
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let (url, commit) = app_repo(&git, "repos/ttd/flux-app.git", 0);
+    let reg = Registry::anonymous();
     let env = Env::new();
-    let mut serve = Serve::start(&env, &["--workers", "1"]);
-    let failed = serve.submit(&json!({"repository": "http://127.0.0.1:9/ttd/none.git",
-                                      "image": "127.0.0.1:9/ttd/none:1", "push": false}));
-    let b = serve.wait_final(&failed, 60);
-    assert_eq!(b["state"], "failed");
-    assert!(b["error"].as_str().is_some_and(|e| !e.is_empty()), "{b:#}");
-    serve.stop();
-    std::thread::sleep(Duration::from_millis(1100));
-    let serve = Serve::start(&env, &["--retention", "1s"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while serve
-        .req("GET", &format!("/api/v1/builds/{failed}"), b"")
-        .status
-        != 404
-    {
-        assert!(Instant::now() < deadline, "not pruned");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let serve = Serve::start(&env, &[]);
+    let image = reg.image("ttd/flux-app:1");
+    let mut req = publish(&url, &image);
+    req["deploy"] = json!({"flux": {
+        "artifact": format!("oci://{}", reg.image("configs/flux-app:at22-1")),
+        "tags": ["at22"], "release": "ttd-flux-app", "chart_version": "3.x",
+        "deployment_id": "deploy-42",
+        "set_from_label": {"maskinporten.scopes": "studio.altinn.maskinporten.scopes"},
+    }});
+    let id = serve.submit(&req);
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    let flux = &b["deploy"]["flux"];
+    let digest = flux["digest"].as_str().expect("artifact digest");
     assert_eq!(
-        serve.req("GET", "/api/v1/builds", b"").json()["builds"],
-        json!([])
+        registry_digest(&reg, "configs/flux-app", "at22").as_deref(),
+        Some(digest)
     );
+    assert_eq!(
+        registry_digest(&reg, "configs/flux-app", "at22-1").as_deref(),
+        Some(digest)
+    );
+    assert!(serve.events(&id).iter().any(|(_, k, _)| k == "deployed"));
+
+    // The artifact holds the HelmRelease for the pushed image, pinned by digest.
+    let m = reg
+        .http(
+            "GET",
+            "/v2/configs/flux-app/manifests/at22",
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            b"",
+        )
+        .expect("manifest")
+        .json();
+    assert_eq!(
+        m["annotations"]["org.opencontainers.image.revision"],
+        commit.as_str()
+    );
+    let layer = m["layers"][0]["digest"].as_str().expect("layer");
+    let blob = reg
+        .http(
+            "GET",
+            &format!("/v2/configs/flux-app/blobs/{layer}"),
+            &[],
+            b"",
+        )
+        .expect("blob")
+        .body;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+    let mut yaml = String::new();
+    for e in tar.entries().expect("tar") {
+        let mut e = e.expect("entry");
+        if e.path().expect("path").to_string_lossy() == "helmrelease.yaml" {
+            e.read_to_string(&mut yaml).expect("read");
+        }
+    }
+    let image_digest = b["digest"].as_str().expect("digest");
+    assert!(yaml.contains(&format!("1@{image_digest}")), "{yaml}");
+    assert!(yaml.contains("replicaCount: 2"), "{yaml}");
+    assert!(yaml.contains("deploy-42"), "{yaml}");
+    assert!(yaml.contains("name: ttd-flux-app"), "{yaml}");
 }
 
 #[test]
-fn cancel_between_build_steps_unwinds_cleanly() {
+fn publish_with_apply_waits_for_the_rollout_and_reports_a_crash() {
+    use crate::deploy_kube::{FakeKube, Scenario};
     let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    // Six layers of 4 MiB of noise each: seconds of compression, step after step.
-    let mut files = Vec::new();
-    let mut dockerfile = String::from("FROM scratch\n");
-    for i in 0..6 {
-        files.push((format!("big/{i}.bin"), noise(4 << 20, 100 + i)));
-        dockerfile.push_str(&format!("COPY big/{i}.bin /data/{i}.bin\n"));
-    }
-    files.push(("Dockerfile.layers".to_string(), dockerfile.into_bytes()));
-    let (url, _) = app_repo_with(&git, "repos/ttd/steps-app.git", &files);
-    let (small, _) = app_repo(&git, "repos/ttd/after-app.git", 0);
+    let (url, _) = app_repo(&git, "repos/ttd/kube-app.git", 0);
     let reg = Registry::anonymous();
-    let env = Env::new();
-    let serve = Serve::start(&env, &["--workers", "1"]);
-    let mut req = publish(&url, &reg.image("ttd/steps-app:1"));
-    req["dockerfile"] = json!("Dockerfile.layers");
-    let id = serve.submit(&req);
-    wait_event(&serve, &id, "step_done", 120);
-    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
-    assert_eq!(r.status, 202);
-    let b = serve.wait_final(&id, 60);
-    assert_eq!(b["state"], "cancelled", "{b:#}");
-    let kinds: Vec<String> = serve.events(&id).into_iter().map(|(_, k, _)| k).collect();
-    assert!(!kinds.iter().any(|k| k == "built"), "{kinds:?}");
-    assert!(registry_tags(&reg, "ttd/steps-app").is_empty());
+    let mut req = publish(&url, &reg.image("ttd/kube-app:1"));
+    req["deploy"] = json!({"apply": {"name": "kube-app", "timeout_seconds": 60}});
 
-    // The worker is fine after the unwind: the next build runs.
-    let next = serve.submit(&publish(&small, &reg.image("ttd/after-app:1")));
-    assert_eq!(serve.wait_final(&next, 120)["state"], "succeeded");
-    drop(serve);
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
+    let env = Env::new();
+    let healthy = FakeKube::start_with(Scenario::Healthy, Some("kube-t0ken"));
+    let kc = env.path("kubeconfig");
+    std::fs::write(&kc, healthy.kubeconfig_token("kube-t0ken", "ttd")).expect("kubeconfig");
+    let serve = Serve::start(&env, &["--kubeconfig", kc.to_str().expect("utf-8")]);
+    let id = serve.submit(&req);
+    let b = serve.wait_final(&id, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(
+        b["deploy"]["apply"]["rolled_out"],
+        json!(["ttd/deployment/kube-app"])
     );
-    assert_eq!(env.names(), [reg.image("ttd/after-app:1")]);
-    env.fsck();
+    let digest = b["digest"].as_str().expect("digest");
+    let patch = healthy
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH" && r.path.ends_with("/deployments/kube-app"))
+        .expect("the Deployment was applied");
+    let body = String::from_utf8_lossy(&patch.body).into_owned();
+    assert!(
+        body.contains(&format!("{}@{digest}", reg.image("ttd/kube-app"))),
+        "pinned: {body}"
+    );
+    let events = serve.events(&id);
+    assert!(
+        events
+            .iter()
+            .any(|(_, k, v)| k == "rollout" && v["complete"] == true),
+        "{events:?}"
+    );
+
+    // A crashing pod is a failed publish, with the reason.
+    let env2 = Env::new();
+    let crashing = FakeKube::start(Scenario::CrashLoop);
+    let kc2 = env2.path("kubeconfig");
+    std::fs::write(&kc2, crashing.kubeconfig_token("x", "ttd")).expect("kubeconfig");
+    let serve2 = Serve::start(&env2, &["--kubeconfig", kc2.to_str().expect("utf-8")]);
+    let mut req2 = req.clone();
+    req2["image"] = json!(reg.image("ttd/kube-app:2"));
+    let id2 = serve2.submit(&req2);
+    let b2 = serve2.wait_final(&id2, 120);
+    assert_eq!(b2["state"], "failed", "{b2:#}");
+    let err = b2["error"].as_str().unwrap_or_default();
+    assert!(err.contains("CrashLoopBackOff"), "{err}");
+
+    // Without a cluster, apply is refused up front.
+    let env3 = Env::new();
+    let serve3 = Serve::start(&env3, &[]);
+    let r = serve3.req("POST", "/api/v1/builds", req.to_string().as_bytes());
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("--kubeconfig"), "{msg}");
 }

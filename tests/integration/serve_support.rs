@@ -14,13 +14,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::common::*;
 use crate::git_server::{GitServer, git};
 use crate::registry::{HttpResponse, http};
 
 pub const API_TOKEN: &str = "serve-test-token";
+
+/// The Gitea token the test repositories demand.
+pub const GIT_TOKEN: &str = "gitea-token-3f9a1c";
+
+/// A publish request as Studio sends it.
+pub fn publish(repo: &str, image: &str) -> Value {
+    json!({
+        "repository": repo, "ref": "main", "context": "", "dockerfile": "Dockerfile",
+        "image": image, "push": true, "git_token": GIT_TOKEN,
+        "build_args": {}, "labels": {"studio.altinn.app": "ttd/serve-app"},
+    })
+}
 
 /// A running `strata serve`.
 pub struct Serve {
