@@ -224,3 +224,14 @@ else:
             continue
         parse = parse_callgrind if tool == "callgrind" else parse_perf
         print(summary(*parse(path), unit="G instructions" if tool == "callgrind" else "samples"))
+
+# The publish backend's API latency under load is measured by a test run, not by this
+# script (see benches/serve-load.md for how); its last recorded result is carried over.
+serve = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve-load.md")
+if os.path.exists(serve):
+    body = open(serve).read().split("\n", 1)[1].strip()
+    body = "\n".join(
+        line for line in body.splitlines() if not line.startswith("For the lead to merge")
+    ).strip()
+    print("\n## Publish backend: API latency under load (`strata serve`)\n")
+    print(body)
