@@ -2,7 +2,13 @@
 # strata vs its peers on the reference workload of the speed issue, side by side.
 #
 #   bash benches/compare.sh            # everything; writes BENCHMARKS.md at the repo root
+#   CASES=run bash benches/compare.sh  # only the selected cases; writes target/bench/partial.md
 #
+# CASES: `all` (default) or a comma/space separated selection of cold, noop, onefile, pull,
+# gzip, zstd, rss and run (the RUN cases: a multi-stage Dockerfile whose build stage compiles
+# C with gcc on a debootstrap base and whose runtime stage runs groupadd/useradd/mkdir, cold
+# and no-op rebuild, strata vs buildah). A selection skips the profile and leaves
+# BENCHMARKS.md alone.
 # Environment: RUNS (measured runs per case, default 5, after one warm-up), THREADS
 # (compression threads, default nproc), RSS_RUNS (default 1), APP_DIR=DIR to benchmark a real
 # `dotnet publish` output instead of the generated tree, PROFILE=auto|perf|callgrind|0:
@@ -23,7 +29,10 @@ B=$ROOT/target/bench
 RUNS=${RUNS:-5}
 THREADS=${THREADS:-$(nproc)}
 PROFILE=${PROFILE:-auto}
-STRATA=$ROOT/target/release/strata
+STRATA=${CARGO_TARGET_DIR:-$ROOT/target}/release/strata
+CASES=${CASES:-all}
+want() { [[ $CASES == all || ",${CASES// /,}," == *",$1,"* ]]; }
+want_app() { want cold || want noop || want onefile || want gzip || want zstd; }
 SUITE_START=$EPOCHREALTIME
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -66,7 +75,11 @@ printf 'FROM scratch\nCOPY rootfs/ /\n' >"$B/base/Dockerfile"
 printf 'rootfs/.complete\n' >"$B/base/.dockerignore"
 
 CTX=$B/ctx
-if [[ -n ${APP_DIR:-} ]]; then
+mkdir -p "$CTX"
+APP_BYTES=0 APP_FILES=0
+if ! want_app; then
+    : # the app tree is only for the publish and layer cases
+elif [[ -n ${APP_DIR:-} ]]; then
     rm -rf "$CTX"
     mkdir -p "$CTX"
     cp -a "$APP_DIR" "$CTX/app"
@@ -80,13 +93,15 @@ elif [[ ! -f $CTX/app.complete ]]; then
 fi
 # The one-file case edits this file; every suite run starts from the same content.
 CHANGED=$CTX/app/appsettings.json
-[[ -f $CTX/appsettings.orig ]] || cp "$CHANGED" "$CTX/appsettings.orig"
-cp "$CTX/appsettings.orig" "$CHANGED"
-printf 'Dockerfile*\n*.complete\nappsettings.orig\n' >"$CTX/.dockerignore"
-APP_BYTES=$(du -sb --apparent-size "$CTX/app" | cut -f1)
-APP_FILES=$(find "$CTX/app" -type f | wc -l)
+if want_app; then
+    [[ -f $CTX/appsettings.orig ]] || cp "$CHANGED" "$CTX/appsettings.orig"
+    cp "$CTX/appsettings.orig" "$CHANGED"
+    printf 'Dockerfile*\n*.complete\nappsettings.orig\n' >"$CTX/.dockerignore"
+    APP_BYTES=$(du -sb --apparent-size "$CTX/app" | cut -f1)
+    APP_FILES=$(find "$CTX/app" -type f | wc -l)
+fi
 
-if [[ ! -f $B/big/blob.bin ]]; then
+if want rss && [[ ! -f $B/big/blob.bin ]]; then
     log "generating a 1 GB file (once)"
     mkdir -p "$B/big"
     python3 -c '
@@ -97,6 +112,7 @@ for _ in range(1024):
 out.close()' "$B/big/blob.bin"
     mv "$B/big/blob.bin.tmp" "$B/big/blob.bin"
 fi
+mkdir -p "$B/big"
 printf 'FROM scratch\nCOPY blob.bin /data/blob.bin\n' >"$B/big/Dockerfile"
 
 # --- registry ---------------------------------------------------------------------------------
@@ -140,9 +156,11 @@ for _ in $(seq 100); do
 done
 curl -fs "http://$REG/v2/" >/dev/null || die "docker-registry did not start: $(tail -5 "$RUN/registry.log")"
 
-log "pushing the runtime base to $REG/runtime"
-STRATA_HOME=$B/home-runtime "$STRATA" build -q --insecure-registry "$REG" --push \
-    -t "$REG/runtime:latest" "$B/base" >/dev/null || die "pushing the runtime base failed"
+if want_app || want pull; then
+    log "pushing the runtime base to $REG/runtime"
+    STRATA_HOME=$B/home-runtime "$STRATA" build -q --insecure-registry "$REG" --push \
+        -t "$REG/runtime:latest" "$B/base" >/dev/null || die "pushing the runtime base failed"
+fi
 
 cat >"$CTX/Dockerfile" <<EOF
 FROM $REG/runtime:latest
@@ -239,6 +257,7 @@ export -f strata_publish buildah_publish
 export STRATA REG CTX RUN THREADS
 
 # --- cases ------------------------------------------------------------------------------------
+if want cold; then
 log "case cold: empty caches, base in the registry, build + push to a new repo"
 for i in $(seq 0 "$RUNS"); do
     rm -rf "$RUN/cold-home" "$RUN/cold-buildah"
@@ -246,13 +265,17 @@ for i in $(seq 0 "$RUNS"); do
         "buildah_publish $RUN/cold-buildah app-buildah-cold$i" buildah
 done
 rm -rf "$RUN/cold-home" "$RUN/cold-buildah"
+fi
 
+if want noop || want onefile; then
 log "case noop: republish, nothing changed (the warm-up run is the first publish)"
 for i in $(seq 0 "$RUNS"); do
     pair noop "$i" "strata_publish $RUN/warm-home app-strata" \
         "buildah_publish $RUN/warm-buildah app-buildah" buildah
 done
 
+fi
+if want onefile; then
 log "case onefile: one file of the app tree changed, republish"
 for i in $(seq 0 "$RUNS"); do
     printf '{ "benchRun": %d }\n' "$((i + 1))" >>"$CHANGED"
@@ -260,8 +283,10 @@ for i in $(seq 0 "$RUNS"); do
         "buildah_publish $RUN/warm-buildah app-buildah" buildah
 done
 cp "$CTX/appsettings.orig" "$CHANGED"
+fi
 rm -rf "$RUN/warm-buildah"
 
+if want pull; then
 log "case pull: the base into an OCI layout"
 for i in $(seq 0 "$RUNS"); do
     rm -rf "$RUN/pull-home" "$RUN/pull-s" "$RUN/pull-k"
@@ -270,22 +295,28 @@ for i in $(seq 0 "$RUNS"); do
         "skopeo copy -q --src-tls-verify=false docker://\$REG/runtime:latest oci:$RUN/pull-k:latest" skopeo
 done
 rm -rf "$RUN/pull-home" "$RUN/pull-s" "$RUN/pull-k"
+fi
 
 layer_build() { # compression level
     echo "STRATA_HOME=$RUN/layer-home \$STRATA build -q --no-cache --compression $1 --compression-level $2 --threads \$THREADS -f \$CTX/Dockerfile.layer -t layer-$1 \$CTX"
 }
+if want gzip; then
 log "case gzip: layer build of the app tree, level 6, $THREADS threads"
 for i in $(seq 0 "$RUNS"); do
     pair gzip "$i" "$(layer_build gzip 6)" \
         "tar -C \$CTX -cf - app | pigz -p \$THREADS -6 > $RUN/app.tar.gz" pigz
 done
+fi
+if want zstd; then
 log "case zstd: layer build of the app tree, level 3, $THREADS threads"
 for i in $(seq 0 "$RUNS"); do
     pair zstd "$i" "$(layer_build zstd 3)" \
         "tar -C \$CTX -cf - app | zstd -q -T\$THREADS -3 -f -o $RUN/app.tar.zst" zstd
 done
+fi
 rm -rf "$RUN/layer-home" "$RUN/app.tar.gz" "$RUN/app.tar.zst"
 
+if want rss; then
 log "case rss: build and push a single 1 GB layer (gzip, $THREADS threads)"
 RSS_RUNS=${RSS_RUNS:-1}
 for i in $(seq 1 "$RSS_RUNS"); do
@@ -298,11 +329,126 @@ for i in $(seq 1 "$RSS_RUNS"); do
     sed -i "\$s/\$/ maxrss_kb=$kb/" "$RES"
 done
 rm -rf "$RUN/big-home"
+fi
+
+# --- RUN --------------------------------------------------------------------------------------
+if want run; then
+    # Bases as the file systems debootstrap made (modes, owners, setuid bits, hard links kept):
+    # one GNU tar layer in an OCI layout, copied to the registry by skopeo. The runtime base is
+    # the workload's minbase; the SDK base adds gcc (downloaded once; the builds are offline).
+    if [[ ! -f $B/sdk/rootfs/.complete ]]; then
+        log "debootstrap --variant=minbase --include=gcc,libc6-dev bookworm (once)"
+        rm -rf "$B/sdk"
+        mkdir -p "$B/sdk"
+        debootstrap --variant=minbase --include=gcc,libc6-dev bookworm "$B/sdk/rootfs" \
+            >"$B/debootstrap-sdk.log" 2>&1 || die "debootstrap failed, see $B/debootstrap-sdk.log"
+        find "$B/sdk/rootfs" -xdev ! -type f ! -type d ! -type l -delete
+        touch "$B/sdk/rootfs/.complete"
+    fi
+    oci_base() { # ROOTFS LAYOUT — once per rootfs
+        [[ -f $2/.complete ]] && return
+        rm -rf "$2"
+        mkdir -p "$2"
+        tar --numeric-owner --sort=name --exclude=./.complete -C "$1" -cf "$2/layer.tar" . ||
+            die "tar of $1 failed"
+        python3 - "$2" <<'PY' || die "writing the OCI layout $2 failed"
+import hashlib, json, os, sys
+lay = sys.argv[1]
+os.makedirs(f"{lay}/blobs/sha256")
+def put(path=None, data=None):
+    h = hashlib.sha256()
+    if path:
+        with open(path, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""):
+                h.update(b)
+        dest = f"{lay}/blobs/sha256/{h.hexdigest()}"
+        os.rename(path, dest)
+        return f"sha256:{h.hexdigest()}", os.path.getsize(dest)
+    h.update(data)
+    open(f"{lay}/blobs/sha256/{h.hexdigest()}", "wb").write(data)
+    return f"sha256:{h.hexdigest()}", len(data)
+ld, ls = put(path=f"{lay}/layer.tar")
+cfg = {"architecture": "amd64", "os": "linux", "config": {},
+       "rootfs": {"type": "layers", "diff_ids": [ld]},
+       "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "debootstrap"}]}
+cd, cs = put(data=json.dumps(cfg).encode())
+man = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]}
+md, ms = put(data=json.dumps(man).encode())
+json.dump({"schemaVersion": 2, "manifests": [{"mediaType": man["mediaType"], "digest": md, "size": ms,
+           "annotations": {"org.opencontainers.image.ref.name": "latest"}}]},
+          open(f"{lay}/index.json", "w"))
+open(f"{lay}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+        touch "$2/.complete"
+    }
+    oci_base "$B/base/rootfs" "$B/runtime-oci"
+    oci_base "$B/sdk/rootfs" "$B/sdk-oci"
+    log "pushing the sdk and runtime bases (as debootstrap made them) to $REG"
+    for b in sdk runtime; do
+        skopeo copy -q --dest-tls-verify=false "oci:$B/$b-oci:latest" "docker://$REG/$b-fs:latest" ||
+            die "pushing the $b base failed"
+    done
+    RCTX=$B/runctx
+    rm -rf "$RCTX"
+    mkdir -p "$RCTX"
+    # A C program big enough for gcc -O2 to take a moment: 400 small functions.
+    python3 - "$RCTX/app.c" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    f.write("#include <stdio.h>\n")
+    for i in range(400):
+        f.write(f"unsigned long f{i}(unsigned long x) {{ for (int k = 0; k < {i % 7 + 3}; k++) "
+                f"x = x * {2 * i + 3}UL + (x >> {i % 13 + 1}); return x ^ {i}UL; }}\n")
+    f.write("int main(void) {\n  unsigned long x = 1;\n")
+    for i in range(400):
+        f.write(f"  x = f{i}(x);\n")
+    f.write('  printf("%lu\\n", x);\n  return 0;\n}\n')
+PY
+    cat >"$RCTX/Dockerfile" <<EOF
+FROM $REG/sdk-fs:latest AS build
+WORKDIR /src
+COPY app.c .
+RUN gcc -O2 -o app app.c && ./app > result.txt
+
+FROM $REG/runtime-fs:latest
+RUN groupadd -g 3000 dotnet && useradd -u 1000 -g dotnet -M -s /bin/false dotnet
+COPY --from=build /src/app /usr/local/bin/app
+COPY --from=build /src/result.txt /etc/app-result.txt
+USER dotnet
+RUN mkdir /tmp/logtelemetry && /usr/local/bin/app > /tmp/logtelemetry/first-run
+ENTRYPOINT ["/usr/local/bin/app"]
+EOF
+    export RCTX
+    strata_runbuild() { # HOME
+        STRATA_HOME=$1 "$STRATA" build --progress json --insecure-registry "$REG" -t run-app "$RCTX"
+    }
+    buildah_runbuild() { # STORAGE
+        buildah --root "$1/root" --runroot "$1/runroot" --storage-driver vfs \
+            bud --isolation chroot --layers --tls-verify=false -q -t run-app "$RCTX"
+    }
+    export -f strata_runbuild buildah_runbuild
+    log "case runcold: multi-stage RUN build (gcc in the build stage, useradd/mkdir at runtime), empty caches"
+    for i in $(seq 0 "$RUNS"); do
+        rm -rf "$RUN/runcold-home" "$RUN/runcold-buildah"
+        pair runcold "$i" "strata_runbuild $RUN/runcold-home" \
+            "buildah_runbuild $RUN/runcold-buildah" buildah
+    done
+    rm -rf "$RUN/runcold-home" "$RUN/runcold-buildah"
+    log "case runnoop: the same build again, nothing changed (the warm-up run is the first build)"
+    for i in $(seq 0 "$RUNS"); do
+        pair runnoop "$i" "strata_runbuild $RUN/runwarm-home" \
+            "buildah_runbuild $RUN/runwarm-buildah" buildah
+    done
+    rm -rf "$RUN/runwarm-home" "$RUN/runwarm-buildah"
+fi
 
 # --- profile ----------------------------------------------------------------------------------
 PROF=$RUN/profile
 mkdir -p "$PROF"
 PROFILE_TOOL=none
+[[ $CASES == all ]] || PROFILE=0 # the profile needs the publish workload
 case $PROFILE in
 0 | none) ;;
 auto)
@@ -346,7 +492,13 @@ if [[ $PROFILE_TOOL != none ]]; then
 fi
 
 # --- report -----------------------------------------------------------------------------------
-log "writing BENCHMARKS.md"
+if [[ $CASES != all ]]; then
+    REPORT=$B/partial.md
+    log "writing $REPORT (a selection: BENCHMARKS.md is left alone)"
+else
+    REPORT=$ROOT/BENCHMARKS.md
+    log "writing BENCHMARKS.md"
+fi
 SUITE_SECONDS=$(awk -v a="${SUITE_START/[.,]/}" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) / 1e6 }')
 export RES PROF PROFILE_TOOL RUNS THREADS APP_BYTES APP_FILES SUITE_SECONDS
 export BASE_BYTES=$(du -sb --apparent-size "$B/base/rootfs" | cut -f1)
@@ -356,5 +508,5 @@ export V_BUILDAH=$(buildah --version) V_SKOPEO=$(skopeo --version) V_PIGZ=$(pigz
 export V_ZSTD=$(zstd --version) V_REGISTRY=$(docker-registry --version 2>&1 | head -1)
 export CPU=$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo) CORES=$(nproc)
 export KERNEL=$(uname -sr) MEM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
-python3 "$ROOT/benches/report.py" >"$ROOT/BENCHMARKS.md"
-cat "$ROOT/BENCHMARKS.md"
+python3 "$ROOT/benches/report.py" >"$REPORT"
+cat "$REPORT"

@@ -453,6 +453,22 @@ pub(crate) fn execute_stage(
     state.name = name.clone();
     state.args.clear();
 
+    // A stage that runs commands needs its base layers anyway: fetch them before any step, so
+    // that what WORKDIR and COPY add (missing directories) is decided on the full view in
+    // every build. Otherwise the first build decides on a lazy view and later ones, after
+    // RUN fetched the base, on the full one: other layers, other RUN cache keys, another
+    // image digest from the same inputs.
+    if stage
+        .steps
+        .iter()
+        .any(|s| matches!(s.instruction, Instruction::Run(_)))
+    {
+        ctx.fetch().fetch_missing(&state.layers)?;
+        if state.partial {
+            state.tree = None;
+        }
+    }
+
     // ONBUILD triggers of the base run first, then are dropped from the new image.
     let triggers: Vec<String> = match state.config.extra.remove("OnBuild") {
         Some(Value::Array(a)) => a

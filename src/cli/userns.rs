@@ -51,6 +51,10 @@ pub(super) fn reexec_build() -> Option<ExitCode> {
     // that stay open until exec, and builds errors without allocating.
     unsafe {
         cmd.pre_exec(move || {
+            // The build dies with the process that started it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -1325,3 +1325,38 @@ fn rootless_with_subordinate_ids_refuses_devices() {
         "{stderr}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rebuilds
+// ---------------------------------------------------------------------------------------------
+
+/// A lazy registry base, WORKDIR to a directory the base lacks, then RUN: the second build
+/// executes nothing and gives the same digest. (The first build used to decide WORKDIR on the
+/// lazy view, the second on the base RUN had fetched: another layer, a RUN cache miss.)
+#[test]
+fn a_rebuild_on_a_lazy_base_with_workdir_reuses_every_run() {
+    let peers = Peers::new();
+    let ctx = peers.context(
+        "rebuild",
+        "FROM {BASE}\nWORKDIR /src/new\nCOPY f .\nRUN cat f > g\n",
+        &[("f", "content\n")],
+    );
+    let env = Env::new();
+    let first = env.build(&ctx, &["-t", "rebuild"]);
+    let out = env
+        .cmd()
+        .args(["build", "--progress", "plain", "-t", "rebuild"])
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        first,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("CACHED").count(), 3, "{stderr}");
+    let tree = env.unpack("rebuild", "rebuild");
+    assert_eq!(tree["src/new/g"].0, Obj::File(b"content\n".to_vec()));
+}
