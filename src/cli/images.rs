@@ -158,6 +158,13 @@ pub(super) fn cache(a: CacheArgs) -> anyhow::Result<ExitCode> {
                 println!("{kind:<14} {n:>7} {:>12}", human_size(bytes));
             }
             println!("{:<14} {:>7} {:>12}", "other", "-", human_size(du.other));
+            // Parts of "other", counted in directories rather than blobs.
+            for (kind, (n, bytes)) in [
+                ("  snapshots", du.run.snapshots),
+                ("  cache mounts", du.run.mounts),
+            ] {
+                println!("{kind:<14} {n:>7} {:>12}", human_size(bytes));
+            }
             println!("{} cache entries", du.cache_entries);
         }
     }

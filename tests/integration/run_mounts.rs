@@ -73,6 +73,22 @@ fn cache_mounts_persist_across_builds_and_stay_out_of_the_layer() {
     // The cache lives in the store: `prune` clears it, and the next build starts empty.
     let mounts = env.home().join("cache/mounts");
     assert!(std::fs::read_dir(&mounts).unwrap().count() >= 2);
+    // One directory per cache (beside each, its lock file).
+    let n = std::fs::read_dir(&mounts)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
+    // `cache du` counts them (and the snapshots RUN unpacked).
+    let du = env.ok(&["cache", "du"]);
+    let count = |kind: &str| -> usize {
+        du.lines()
+            .find(|l| l.trim_start().starts_with(kind))
+            .and_then(|l| l[kind.len() + 2..].split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} row in:\n{du}"))
+    };
+    assert_eq!(count("cache mounts"), n, "{du}");
+    assert!(count("snapshots") >= 1, "{du}");
     env.ok(&["prune"]);
     let left: Vec<_> = std::fs::read_dir(&mounts).unwrap().flatten().collect();
     assert!(left.is_empty(), "{left:?}");
