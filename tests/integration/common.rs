@@ -297,3 +297,17 @@ pub fn skopeo_inspect_config(transport_ref: &str) -> serde_json::Value {
         run_ok(Command::new(tool("skopeo", "skopeo")).args(["inspect", "--config", transport_ref]));
     serde_json::from_str(&out).expect("skopeo json")
 }
+
+/// A minimal root file system under `root`: Debian's static busybox as /bin/busybox with
+/// `applets` linked to it, root's /etc/passwd and /etc/group, and /tmp.
+pub fn busybox_rootfs(root: &Path, applets: &[&str]) {
+    let busybox = tool("busybox", "busybox-static");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for c in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
+    }
+    write(root, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n");
+    write(root, "etc/group", b"root:x:0:\n");
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+}

@@ -6,21 +6,16 @@ use crate::common::*;
 
 /// A base image with busybox, /etc/passwd, /etc/group and a file to delete, tagged `busybase`.
 fn busybox_base(env: &Env) {
-    let busybox = tool("busybox", "busybox-static");
     let ctx = env.path("base");
     let root = ctx.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for c in [
-        "sh", "mkdir", "rm", "echo", "cat", "id", "chmod", "ls", "touch", "sleep",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
-    }
-    write(&root, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n");
-    write(&root, "etc/group", b"root:x:0:\n");
+    busybox_rootfs(
+        &root,
+        &[
+            "sh", "mkdir", "rm", "echo", "cat", "id", "chmod", "ls", "touch", "sleep",
+        ],
+    );
     write(&root, "etc/removed", b"delete me\n");
     write(&root, "opt/tree/a", b"a\n");
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
     write(&ctx, "Dockerfile", b"FROM scratch\nCOPY rootfs/ /\n");
     env.build(&ctx, &["-t", "busybase"]);
 }

@@ -11,19 +11,13 @@ use crate::common::*;
 
 /// A base with busybox and its applets, tagged `mountbase`.
 fn base(env: &Env) {
-    let busybox = tool("busybox", "busybox-static");
     let ctx = env.path("base");
-    let root = ctx.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for c in [
-        "sh", "mkdir", "rm", "echo", "cat", "id", "chmod", "ls", "touch", "test", "env", "wc",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
-    }
-    write(&root, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n");
-    write(&root, "etc/group", b"root:x:0:\n");
-    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    busybox_rootfs(
+        &ctx.join("rootfs"),
+        &[
+            "sh", "mkdir", "rm", "echo", "cat", "id", "chmod", "ls", "touch", "test", "env", "wc",
+        ],
+    );
     write(&ctx, "Dockerfile", b"FROM scratch\nCOPY rootfs/ /\n");
     env.build(&ctx, &["-t", "mountbase"]);
 }
