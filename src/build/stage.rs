@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use crate::image::{ConfigFile, HealthConfig, Image, Layer, history};
 use crate::layer::{Entry, FsTree, LayerWriter, open_decompressed};
 use crate::media::{Descriptor, Platform};
 use crate::source::{Dockerignore, normalize_context_path};
-use crate::store::StoreError;
+use crate::store::{Memo, Store, StoreError};
 
 use super::Fetch;
 
@@ -138,8 +139,44 @@ impl StageState {
                 LayerSource::Entries(e) => tree.apply_entries(e)?,
             }
         }
+        tracing::debug!(
+            layers = self.layers.len(),
+            content,
+            partial = self.partial,
+            "view built"
+        );
         self.tree = Some((tree, content));
         Ok(())
+    }
+
+    /// Whether making the view (with content when `content`) from scratch reads or downloads
+    /// layer blobs: then a step that only needs a result derived from the view asks the memo
+    /// first (see [`Memo`]). Whether the view happens to be built already does not count, so
+    /// a cold build writes the memos a rebuild looks for.
+    pub(super) fn view_costly(&self, store: &Store, content: bool) -> bool {
+        content
+            || self.layers.iter().zip(&self.sources).any(|(l, s)| {
+                matches!(s, LayerSource::Store) && store.has_blob(&l.descriptor.digest)
+            })
+    }
+
+    /// What the view depends on: its layers' chain id (diff_ids name their content) and,
+    /// for a view without content, which base layers it leaves out (those not in the store,
+    /// see [`StageState::ensure_tree`]).
+    pub(super) fn view_identity(&self, store: &Store, content: bool) -> String {
+        let ids: Vec<crate::digest::Digest> = self.layers.iter().map(|l| l.diff_id).collect();
+        let mut id = crate::image::chain_id(&ids)
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "empty".into());
+        if !content {
+            id.push(' ');
+            for (l, s) in self.layers.iter().zip(&self.sources) {
+                let left_out =
+                    matches!(s, LayerSource::Store) && !store.has_blob(&l.descriptor.digest);
+                id.push(if left_out { '-' } else { '+' });
+            }
+        }
+        id
     }
 
     pub(super) fn tree(&self) -> &FsTree {
@@ -170,22 +207,25 @@ impl StageState {
         entries: Vec<Entry>,
         created_by: &str,
     ) -> Result<Descriptor, BuildError> {
-        let opts = ctx.opts;
-        let mtime = u64::try_from(opts.source_date_epoch).unwrap_or(0);
-        let settings = super::cache::WriterSettings {
-            compression: opts.compression,
-            level: opts.compression_level,
-            mtime,
-            threads: opts.threads,
-        };
+        self.add_layer_memo(ctx, entries, created_by, None)
+    }
+
+    /// [`StageState::add_layer`], remembering the layer's cache key under `memo`.
+    pub(super) fn add_layer_memo(
+        &mut self,
+        ctx: &Ctx,
+        entries: Vec<Entry>,
+        created_by: &str,
+        memo: Option<crate::digest::Digest>,
+    ) -> Result<Descriptor, BuildError> {
         let started = std::time::Instant::now();
-        let key = {
-            let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
-            super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
-                .map_err(StoreError::Io)?
-        };
+        let key = entries_key(ctx, &entries)?;
         tracing::debug!(millis = started.elapsed().as_millis(), "layer key");
-        self.add_layer_keyed(ctx, entries, created_by, key)
+        let descriptor = self.add_layer_keyed(ctx, entries, created_by, key)?;
+        if let Some(m) = memo {
+            ctx.store.memo_put(&m, &Memo::Layer { key })?;
+        }
+        Ok(descriptor)
     }
 
     /// Append the layer cached under `key` (a RUN hit): nothing is written or executed.
@@ -328,6 +368,37 @@ impl StageState {
     pub(super) fn metadata_step(&mut self, created_by: &str, epoch: i64) {
         self.config.push_history(history(created_by, epoch, true));
     }
+}
+
+/// The layer-cache key of `entries` written with the build's settings.
+fn entries_key(ctx: &Ctx, entries: &[Entry]) -> Result<crate::digest::Digest, BuildError> {
+    let opts = ctx.opts;
+    let settings = super::cache::WriterSettings {
+        compression: opts.compression,
+        level: opts.compression_level,
+        mtime: u64::try_from(opts.source_date_epoch).unwrap_or(0),
+        threads: opts.threads,
+    };
+    let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(
+        super::cache::layer_key(entries, &settings, &mut stat, ctx.context_dir.as_deref())
+            .map_err(StoreError::Io)?,
+    )
+}
+
+/// Whether steps of `st` may use the memo: not when its layers are to be built again.
+fn memo_on(ctx: &Ctx, st: &StageState) -> bool {
+    !ctx.opts.no_cache && !ctx.opts.no_cache_filter.contains(&st.name)
+}
+
+/// A memo key: `kind` and `parts`, each length-prefixed.
+fn memo_key(kind: &str, parts: &[&[u8]]) -> crate::digest::Digest {
+    let mut h = crate::digest::Hasher::new();
+    for b in std::iter::once(kind.as_bytes()).chain(parts.iter().copied()) {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    h.finish()
 }
 
 fn default_shell() -> Vec<String> {
@@ -751,21 +822,45 @@ fn dispatch(
             st.config.update_config(|c| {
                 c.set_working_dir(Some(abs.clone()));
             });
-            st.ensure_tree(&ctx.fetch(), false)?;
-            let real = st.tree().resolve_lenient(&path, true)?;
-            let mut missing = Vec::new();
-            let mut cur = PathBuf::new();
-            // On a lazy base, a directory not in the view may exist in the base: leave it to
-            // the runtime (runc creates a missing working directory) rather than download
-            // the base or override its metadata.
-            if !st.partial {
-                for c in real.components() {
-                    cur.push(c);
-                    if st.tree().get(&cur).is_none() {
-                        missing.push(Entry::dir(cur.clone(), 0o755, 0, 0));
+            // The missing directories depend only on the view: remembered by its identity,
+            // so a rebuild does not read the base layers again.
+            let memo = (memo_on(ctx, st) && st.view_costly(ctx.store, false)).then(|| {
+                memo_key(
+                    "strata-memo-workdir-v1",
+                    &[
+                        st.view_identity(ctx.store, false).as_bytes(),
+                        path.as_os_str().as_bytes(),
+                    ],
+                )
+            });
+            let dirs = match memo.as_ref().and_then(|k| ctx.store.memo_get(k)) {
+                Some(Memo::Dirs { dirs }) => dirs,
+                _ => {
+                    st.ensure_tree(&ctx.fetch(), false)?;
+                    let real = st.tree().resolve_lenient(&path, true)?;
+                    let mut dirs = Vec::new();
+                    let mut cur = PathBuf::new();
+                    // On a lazy base, a directory not in the view may exist in the base: leave
+                    // it to the runtime (runc creates a missing working directory) rather than
+                    // download the base or override its metadata.
+                    if !st.partial {
+                        for c in real.components() {
+                            cur.push(c);
+                            if st.tree().get(&cur).is_none() {
+                                dirs.push(cur.clone());
+                            }
+                        }
                     }
+                    if let Some(k) = &memo {
+                        ctx.store.memo_put(k, &Memo::Dirs { dirs: dirs.clone() })?;
+                    }
+                    dirs
                 }
-            }
+            };
+            let mut missing: Vec<Entry> = dirs
+                .into_iter()
+                .map(|d| Entry::dir(d, 0o755, 0, 0))
+                .collect();
             if !missing.is_empty() {
                 let (uid, gid) = current_user_ids(ctx, st).map_err(err)?;
                 for e in &mut missing {
@@ -817,9 +912,43 @@ pub(super) fn resolve_owner(
         || g.is_some_and(|g| numeric(g).is_none())
         || (primary_gid && g.is_none());
     if needs_lookup {
+        // The ids depend only on the view's content: remembered by its chain id, so a
+        // rebuild does not unpack the base to read /etc/passwd again.
+        let memo = (memo_on(ctx, st) && st.view_costly(ctx.store, true)).then(|| {
+            memo_key(
+                "strata-memo-owner-v1",
+                &[
+                    st.view_identity(ctx.store, true).as_bytes(),
+                    spec.as_bytes(),
+                    &[u8::from(primary_gid)],
+                ],
+            )
+        });
+        if let Some(Memo::Owner { uid, gid }) = memo.as_ref().and_then(|k| ctx.store.memo_get(k)) {
+            return Ok((uid, gid));
+        }
         st.ensure_tree(&ctx.fetch(), true)
             .map_err(|e| e.to_string())?;
+        let (uid, gid) = lookup_owner(st, u, g, primary_gid)?;
+        if let Some(k) = &memo {
+            ctx.store
+                .memo_put(k, &Memo::Owner { uid, gid })
+                .map_err(|e| e.to_string())?;
+        }
+        return Ok((uid, gid));
     }
+    lookup_owner(st, u, g, primary_gid)
+}
+
+/// [`resolve_owner`] against the view (built with content when a name or primary group is
+/// looked up).
+fn lookup_owner(
+    st: &StageState,
+    u: &str,
+    g: Option<&str>,
+    primary_gid: bool,
+) -> Result<(u64, u64), String> {
+    let numeric = |s: &str| s.parse::<u64>().ok();
     let (uid, user_gid) = match numeric(u) {
         Some(n) => {
             let gid = if primary_gid {
@@ -928,11 +1057,11 @@ fn copy_step(
         }
         None => None,
     };
-    let mut exclude = Vec::new();
+    let mut exclude_words = Vec::new();
     for e in &c.exclude {
-        exclude.push(expand(st, e)?);
+        exclude_words.push(expand(st, e)?);
     }
-    let exclude = Dockerignore::from_patterns(&exclude).map_err(|e| err(e.to_string()))?;
+    let exclude = Dockerignore::from_patterns(&exclude_words).map_err(|e| err(e.to_string()))?;
     let mut heredocs = Vec::new();
     for h in &c.heredocs {
         let body = if h.expand {
@@ -963,6 +1092,31 @@ fn copy_step(
         keep_owner: from.is_some(),
         dest_partial: false,
     };
+    let created_by = format!("{} # strata", one_line(&node.original));
+    if let Some(f) = &from
+        && stage_ref(stages, i, f).is_none()
+        && !ctx.images.contains_key(f)
+    {
+        let (image, _) = load_image(ctx, f, &ctx.opts.platform).map_err(&err)?;
+        let s = StageState::from_image(&image)?;
+        ctx.images.insert(f.clone(), s);
+    }
+    let memo = copy_memo(
+        ctx,
+        stages,
+        i,
+        done,
+        st,
+        &mut spec,
+        from.as_deref(),
+        &exclude_words,
+    )?;
+    if let Some(k) = &memo
+        && let Some(Memo::Layer { key }) = ctx.store.memo_get(k)
+        && let Some(hit) = ctx.store.cache_get(&key)
+    {
+        return Ok(Some(st.push_cached(ctx, key, hit, &created_by)?));
+    }
     st.ensure_tree(&ctx.fetch(), false)?;
     spec.dest_partial = st.partial;
     let spool = ctx.spool_dir()?;
@@ -978,11 +1132,6 @@ fn copy_step(
                 other.ensure_tree(&ctx.fetch(), true)?;
                 copy::plan(&spec, other.tree(), st.tree(), &spool)
             } else {
-                if !ctx.images.contains_key(f) {
-                    let (image, _) = load_image(ctx, f, &ctx.opts.platform).map_err(&err)?;
-                    let s = StageState::from_image(&image)?;
-                    ctx.images.insert(f.clone(), s);
-                }
                 let (store, work, remote) = (ctx.store, ctx.work.path().to_path_buf(), ctx.remote);
                 let fetch = Fetch {
                     store,
@@ -996,8 +1145,87 @@ fn copy_step(
         }
     }
     .map_err(|e| err(format!("{kw} failed: {e}")))?;
-    let created_by = format!("{} # strata", one_line(&node.original));
-    Ok(Some(st.add_layer(ctx, entries, &created_by)?))
+    Ok(Some(st.add_layer_memo(ctx, entries, &created_by, memo)?))
+}
+
+/// The memo key of a COPY/ADD whose views are costly to make (see
+/// [`StageState::view_costly`]): the destination view's identity, the source's (a stage's or
+/// image's chain id; for the context, the layer key of the sources planned onto an empty
+/// view, which names every selected file and its content), the expanded step and the writer
+/// settings. Everything the layer's entries are a function of, so the layer cached for it is
+/// the step's result. `None` when the views are cheap (nothing to save) or the sources cannot
+/// be planned on their own; the step then runs as usual.
+#[allow(clippy::too_many_arguments)]
+fn copy_memo(
+    ctx: &mut Ctx,
+    stages: &Stages,
+    i: usize,
+    done: &[Option<StageState>],
+    st: &StageState,
+    spec: &mut CopySpec,
+    from: Option<&str>,
+    exclude: &[String],
+) -> Result<Option<crate::digest::Digest>, BuildError> {
+    if !memo_on(ctx, st) {
+        return Ok(None);
+    }
+    let dest_costly = st.view_costly(ctx.store, false);
+    let source = match from {
+        Some(f) => {
+            let other = match stage_ref(stages, i, f) {
+                Some(j) => done[j].as_ref(),
+                None => ctx.images.get(f),
+            };
+            let Some(other) = other else { return Ok(None) };
+            if !dest_costly && !other.view_costly(ctx.store, true) {
+                return Ok(None);
+            }
+            format!("from {}", other.view_identity(ctx.store, true))
+        }
+        None => {
+            if !dest_costly {
+                return Ok(None);
+            }
+            let spool = ctx.spool_dir()?;
+            let src = ctx.context_tree()?;
+            spec.dest_partial = true;
+            let planned = copy::plan(spec, src, &FsTree::new(), &spool);
+            spec.dest_partial = false;
+            let Ok(entries) = planned else {
+                return Ok(None);
+            };
+            format!("context {}", entries_key(ctx, &entries)?)
+        }
+    };
+    let opts = ctx.opts;
+    let mut parts: Vec<Vec<u8>> = vec![
+        st.view_identity(ctx.store, false).into_bytes(),
+        source.into_bytes(),
+        spec.dest.clone().into_bytes(),
+        format!(
+            "{:?} {:?} {} {}",
+            spec.chown, spec.chmod, spec.extract_archives, spec.keep_owner
+        )
+        .into_bytes(),
+        format!(
+            "{} {:?} {}",
+            opts.compression.name(),
+            opts.compression_level,
+            opts.source_date_epoch
+        )
+        .into_bytes(),
+    ];
+    parts.push(format!("{} sources", spec.sources.len()).into_bytes());
+    parts.extend(spec.sources.iter().map(|s| s.clone().into_bytes()));
+    parts.push(format!("{} heredocs", spec.heredocs.len()).into_bytes());
+    for (name, body) in &spec.heredocs {
+        parts.push(name.clone().into_bytes());
+        parts.push(body.clone());
+    }
+    parts.push(format!("{} excludes", exclude.len()).into_bytes());
+    parts.extend(exclude.iter().map(|s| s.clone().into_bytes()));
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(Some(memo_key("strata-memo-copy-v1", &refs)))
 }
 
 /// `80`, `80/udp`, `8000-8002/tcp` → normalised `port/proto` entries.

@@ -11,6 +11,12 @@
 //!   blocks sit and what input each compressed (see `layer::pgzip`): the next build of the slot
 //!   copies unchanged blocks instead of compressing them again. Both are hints; a missing or
 //!   damaged one only costs the compression time.
+//! - `cache/memo/<key>` remembers what a step derived from a stage's file-system view
+//!   (WORKDIR's missing directories, a USER's ids, a COPY's layer key), keyed by the chain ids
+//!   of the views it read and the step's inputs (see `build::stage`): a rebuild then never
+//!   reads base layers to rebuild a view. A memo is a pure function of its key, so it is never
+//!   stale; `prune` drops those that point at a pruned layer entry or were not used within
+//!   the prune's age.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,6 +39,29 @@ pub struct CachedLayer {
     pub descriptor: Descriptor,
     /// sha256 of the uncompressed tar.
     pub diff_id: Digest,
+}
+
+/// A remembered result of a step that read a stage's file-system view (`cache/memo/`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Memo {
+    /// The step's layer is the one cached under this layer-cache key.
+    Layer {
+        /// Key into `cache/layers/`.
+        key: Digest,
+    },
+    /// A `user[:group]` resolved against the view's /etc/passwd and /etc/group.
+    Owner {
+        /// User id.
+        uid: u64,
+        /// Group id.
+        gid: u64,
+    },
+    /// Directories (relative to the root) a WORKDIR has to create.
+    Dirs {
+        /// Missing directories, outermost first.
+        dirs: Vec<PathBuf>,
+    },
 }
 
 /// First line of a `cache/blocks/` file; records follow, 48 bytes each (key, offset, length,
@@ -121,6 +150,62 @@ impl Store {
                 if gone(&name) && fs::remove_file(&path).is_ok() {
                     removed += 1;
                 }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn memo_path(&self, key: &Digest) -> PathBuf {
+        self.root().join("cache/memo").join(key.hex())
+    }
+
+    /// The memo under `key` (a hit marks it as used now). For a [`Memo::Layer`], the caller
+    /// still looks the layer up with [`Store::cache_get`].
+    pub fn memo_get(&self, key: &Digest) -> Option<Memo> {
+        let path = self.memo_path(key);
+        let memo = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
+        if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Some(memo)
+    }
+
+    /// Remember `memo` under `key` (a hint: written without fsync).
+    pub fn memo_put(&self, key: &Digest, memo: &Memo) -> Result<(), StoreError> {
+        let path = self.memo_path(key);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_hint(&path, &serde_json::to_vec(memo).expect("memo serialises"))?;
+        Ok(())
+    }
+
+    /// Drop memos that point at a layer entry no longer cached, are unreadable, or (with
+    /// `old_enough`) were last used long enough ago; returns how many went.
+    pub(crate) fn prune_memos(
+        &self,
+        old_enough: impl Fn(SystemTime) -> bool,
+    ) -> Result<usize, StoreError> {
+        let dir = self.root().join("cache/memo");
+        if !dir.is_dir() {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for e in fs::read_dir(&dir)? {
+            let path = e?.path();
+            let used = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let gone = match fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Memo>(&b).ok())
+            {
+                None => true,
+                Some(Memo::Layer { key }) => !self.cache_path(&key).exists(),
+                Some(_) => old_enough(used),
+            };
+            if gone && fs::remove_file(&path).is_ok() {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -306,6 +391,41 @@ mod tests {
         std::fs::write(&f, b"two").unwrap();
         assert_eq!(c.digest(&f).unwrap(), Digest::of(b"two"));
         assert_eq!(c.hashed, 1);
+    }
+
+    #[test]
+    fn memos_go_with_their_layer_entry_or_their_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob = store.put_bytes(b"layer").unwrap();
+        let layer_key = Digest::of(b"layer key");
+        store
+            .cache_put(
+                &layer_key,
+                &CachedLayer {
+                    descriptor: Descriptor::new(crate::media::MediaType::OciLayer, blob, 5),
+                    diff_id: blob,
+                },
+            )
+            .unwrap();
+        let (to_layer, to_ids) = (Digest::of(b"copy"), Digest::of(b"owner"));
+        let layer = Memo::Layer { key: layer_key };
+        let ids = Memo::Owner {
+            uid: 1000,
+            gid: 3000,
+        };
+        store.memo_put(&to_layer, &layer).unwrap();
+        store.memo_put(&to_ids, &ids).unwrap();
+        assert_eq!(store.prune_memos(|_| false).unwrap(), 0);
+        assert_eq!(store.memo_get(&to_layer), Some(layer));
+        assert_eq!(store.memo_get(&to_ids), Some(ids));
+        // The layer entry goes: so does the memo that names it; the ids stay until old.
+        std::fs::remove_file(store.cache_path(&layer_key)).unwrap();
+        assert_eq!(store.prune_memos(|_| false).unwrap(), 1);
+        assert_eq!(store.memo_get(&to_layer), None);
+        assert!(store.memo_get(&to_ids).is_some());
+        assert_eq!(store.prune_memos(|_| true).unwrap(), 1);
+        assert_eq!(store.memo_get(&to_ids), None);
     }
 
     #[test]

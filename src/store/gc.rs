@@ -214,6 +214,7 @@ pub fn prune(store: &Store, opts: &PruneOptions) -> Result<PruneReport, StoreErr
         }
     }
     report.cache_entries += store.prune_block_records()?;
+    report.cache_entries += store.prune_memos(old_enough)?;
     // Images that lost a blob leave the index, so the store stays consistent.
     let mut index = OciIndex::read(store.root())?;
     let broken: BTreeSet<&String> = inv

@@ -94,3 +94,64 @@ fn a_failing_run_shows_its_output_and_tags_nothing() {
     assert!(!env.names().contains(&"broken:latest".to_string()));
     env.fsck();
 }
+
+/// A rebuild reads no base layer: what WORKDIR, COPY (from the context and from a stage) and
+/// USER by name derived from a stage's file-system view comes from the memo, keyed by chain
+/// ids and the step's inputs. The memo is never stale: a changed source is derived again, and
+/// the result equals a build without cache.
+#[test]
+fn a_rebuild_derives_nothing_from_the_base_layers_again() {
+    let env = Env::new();
+    busybox_base(&env);
+    let ctx = run_ctx(
+        &env,
+        "FROM busybase AS build\nWORKDIR /src/deep\nCOPY a.txt .\nRUN cat a.txt a.txt > b.txt\n\
+         FROM busybase\nRUN echo 'app:x:3000:' >> /etc/group && echo 'app:x:1000:3000::/:/bin/sh' >> /etc/passwd\n\
+         COPY --from=build /src/deep/b.txt /srv/b.txt\nUSER app\nWORKDIR /home/app\nRUN id -u > uid\n",
+    );
+    write(&ctx, "a.txt", b"one\n");
+    let build = |extra: &[&str]| -> (String, String) {
+        let out = env
+            .cmd()
+            .env("STRATA_LOG", "strata=debug")
+            .args(["build", "--progress", "plain", "-t", "memo"])
+            .args(extra)
+            .arg(&ctx)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            stderr,
+        )
+    };
+    let (cold, log) = build(&[]);
+    assert!(
+        log.contains("view built"),
+        "the cold build reads the base: {log}"
+    );
+
+    let (again, log) = build(&[]);
+    assert_eq!(again, cold);
+    assert!(
+        !log.contains("view built"),
+        "a view was built again:\n{log}"
+    );
+    // WORKDIR ×2, COPY ×2, RUN ×3: every layer step is a hit.
+    assert_eq!(log.matches("CACHED").count(), 7, "{log}");
+
+    write(&ctx, "a.txt", b"two\n");
+    let (changed, _) = build(&[]);
+    assert_ne!(changed, cold);
+    let (fresh, log) = build(&["--no-cache"]);
+    assert_eq!(fresh, changed, "the memo changed the result");
+    assert_eq!(log.matches("CACHED").count(), 0, "{log}");
+    let tree = env.unpack("memo", "memo");
+    assert_eq!(tree["srv/b.txt"].0, Obj::File(b"two\ntwo\n".to_vec()));
+    assert_eq!(tree["home/app/uid"].0, Obj::File(b"1000\n".to_vec()));
+    if is_root() {
+        let (obj, _, uid, gid) = &tree["home/app"];
+        assert_eq!((obj, *uid, *gid), (&Obj::Dir, 1000, 3000));
+    }
+}
