@@ -17,6 +17,8 @@ pub use recipe::build_recipe;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::digest::Digest;
@@ -83,6 +85,41 @@ pub struct BuildOptions {
     /// cache key, the config or the history ([`crate::sandbox::SecretBytes`] hides them from
     /// `Debug`).
     pub secrets: BTreeMap<String, crate::sandbox::SecretBytes>,
+    /// Stop the build when this is set (`None`: it runs to the end). See [`CancelToken`].
+    pub cancel: Option<CancelToken>,
+}
+
+/// A build's stop switch: a shared flag the caller sets from another thread.
+///
+/// The build looks at it before every stage and step and before a RUN command starts, and
+/// the sandbox watches it while the command runs (at least every
+/// [`crate::sandbox::CANCEL_POLL`]): once set, the command's whole pid namespace is killed,
+/// its directories are removed, nothing is cached for the step, and the build returns
+/// [`BuildError::Cancelled`]. Work between those points (compressing a layer, pulling a base)
+/// finishes before the flag is seen.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not set.
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    /// Ask the build to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// The shared flag itself, for the sandbox and the git transport.
+    pub fn flag(&self) -> &Arc<AtomicBool> {
+        &self.0
+    }
 }
 
 /// Progress of a build, for the CLI to render.
@@ -152,6 +189,9 @@ pub enum BuildError {
     /// A problem with the build as a whole (target, build args).
     #[error("{0}")]
     Invalid(String),
+    /// The build's [`CancelToken`] was set (a RUN command that was running was killed).
+    #[error("the build was cancelled")]
+    Cancelled,
 }
 
 /// Access to registries during a build: FROM a registry image, fetching base layers when a
@@ -224,6 +264,23 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Whether the build was asked to stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.opts
+            .cancel
+            .as_ref()
+            .is_some_and(CancelToken::is_cancelled)
+    }
+
+    /// [`BuildError::Cancelled`] when the build was asked to stop.
+    pub fn check_cancelled(&self) -> Result<(), BuildError> {
+        if self.is_cancelled() {
+            Err(BuildError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
     /// What views need to fetch layers.
     pub fn fetch(&self) -> Fetch<'_> {
         Fetch {
@@ -315,6 +372,7 @@ pub fn build(
     let needed = needed_stages(&stages, target, &ctx)?;
     let mut done: Vec<Option<StageState>> = (0..stages.stages.len()).map(|_| None).collect();
     for i in needed {
+        ctx.check_cancelled()?;
         let state = execute_stage(&mut ctx, &stages, i, &mut done)?;
         done[i] = Some(state);
     }

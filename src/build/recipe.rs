@@ -104,6 +104,7 @@ pub fn build_recipe(
 
     let total = plan.len() + 2;
     for (n, (name, dest, files, chown, chmod)) in plan.into_iter().enumerate() {
+        ctx.check_cancelled()?;
         ctx.step_id += 1;
         let id = ctx.step_id;
         (ctx.events)(Event::Step {
@@ -145,6 +146,7 @@ pub fn build_recipe(
         })?;
     }
 
+    ctx.check_cancelled()?;
     ctx.step_id += 1;
     let id = ctx.step_id;
     (ctx.events)(Event::Step {

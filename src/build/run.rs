@@ -28,6 +28,11 @@
 //!   applied; or the stage's/image's files), so `rw` writes are thrown away as in BuildKit.
 //! - **Cache ids** are namespaced by the `BUILDKIT_CACHE_MOUNT_NS` build arg, as in BuildKit; a
 //!   cache with `from` starts as a copy of that subtree.
+//!
+//! **Cancellation** ([`super::CancelToken`]): a step whose cache key hits still completes (it
+//! runs nothing); otherwise the token is checked before the command starts and the sandbox
+//! watches it while the command runs. A cancelled step kills the run's pid namespace, removes
+//! its directories (upper, overlay work, mount copies) and writes nothing to the cache.
 
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
@@ -40,7 +45,8 @@ use crate::dockerfile::{CommandForm, MountType, Run, RunMount, Sharing, Stages};
 use crate::layer::{Entry, EntryKind, open_decompressed};
 use crate::media::Descriptor;
 use crate::sandbox::{
-    Mount, Network, RunSpec, Sandbox, SecretBytes, unpack_layer, unpack_layer_dir, upper_to_entries,
+    Mount, Network, RunSpec, RunStatus, Sandbox, SecretBytes, unpack_layer, unpack_layer_dir,
+    upper_to_entries,
 };
 use crate::store::MountLock;
 
@@ -565,6 +571,21 @@ fn command_argv(st: &StageState, run: &Run) -> Result<(Vec<String>, Option<Scrip
     Ok((shell(full), None))
 }
 
+/// Why a RUN step did not make a layer.
+#[derive(Debug)]
+pub(super) enum StepError {
+    /// The build's cancel token was set: the command was not started, or was killed.
+    Cancelled,
+    /// It failed; the message says why (located at the line by the caller).
+    Failed(String),
+}
+
+impl From<String> for StepError {
+    fn from(m: String) -> StepError {
+        StepError::Failed(m)
+    }
+}
+
 /// Run `run` in stage `st`. Returns the layer it made.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run_step(
@@ -576,11 +597,11 @@ pub(super) fn run_step(
     created_by: &str,
     env: Vec<(String, String)>,
     user: (u32, u32),
-) -> Result<Descriptor, String> {
+) -> Result<Descriptor, StepError> {
     let network = match run.flags.network.as_deref() {
         None | Some("default") | Some("host") => Network::Host,
         Some("none") => Network::None,
-        Some(other) => return Err(format!("unknown RUN --network={other} (none or host)")),
+        Some(other) => return Err(format!("unknown RUN --network={other} (none or host)").into()),
     };
     let (argv, script) = command_argv(st, run)?;
     let cwd = st.workdir();
@@ -626,9 +647,12 @@ pub(super) fn run_step(
 
     let use_cache = !ctx.opts.no_cache && !ctx.opts.no_cache_filter.contains(&st.name);
     if use_cache && let Some(hit) = ctx.store.cache_get(&key) {
-        return st
+        return Ok(st
             .push_cached(ctx, key, hit, created_by)
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())?);
+    }
+    if ctx.is_cancelled() {
+        return Err(StepError::Cancelled);
     }
 
     let scratch = tempfile::Builder::new()
@@ -680,7 +704,7 @@ fn execute(
     st: &mut StageState,
     step: Step,
     scratch: &Path,
-) -> Result<Descriptor, String> {
+) -> Result<Descriptor, StepError> {
     let Step {
         run,
         mut plan,
@@ -737,13 +761,31 @@ fn execute(
     spec.network = network;
     spec.mounts = mounts;
     spec.chown = chown;
-    let outcome = Sandbox::new().run(&spec).map_err(|e| e.to_string());
+    spec.cancel = ctx.opts.cancel.as_ref().map(|c| c.flag().clone());
+    // Preparing the lowers and mounts may have taken a while: do not start a cancelled step.
+    let outcome = if ctx.is_cancelled() {
+        Ok(None)
+    } else {
+        Sandbox::new()
+            .run(&spec)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    };
     drop(spec);
     drop(locks);
     // The upper stays for the build (the stage's view reads the layer's files from it); the
     // sandbox's own directories go now (the kernel leaves the overlay work directory mode 000).
     let _ = crate::store::remove_tree(&work);
-    let outcome = outcome?;
+    let outcome = match outcome {
+        Ok(Some(o)) if o.status != RunStatus::Cancelled => o,
+        // Killed (its whole pid namespace is gone) or never started: the half-written upper
+        // goes too, and nothing reaches the cache.
+        Ok(_) => {
+            let _ = crate::store::remove_tree(&dir);
+            return Err(StepError::Cancelled);
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !outcome.success() {
         let tail = String::from_utf8_lossy(&outcome.output);
         let last: Vec<&str> = tail.lines().rev().take(15).collect();
@@ -756,11 +798,13 @@ fn execute(
             "RUN {shown:?} failed ({:?}); its last output:\n{}",
             outcome.status,
             last.join("\n")
-        ));
+        )
+        .into());
     }
     let entries = upper_to_entries(&upper, &outcome.ids).map_err(|e| e.to_string())?;
-    st.add_layer_keyed(ctx, entries, created_by, key)
-        .map_err(|e| e.to_string())
+    Ok(st
+        .add_layer_keyed(ctx, entries, created_by, key)
+        .map_err(|e| e.to_string())?)
 }
 
 /// Most snapshot directories stacked in one overlay: the kernel takes the mount options in one

@@ -484,6 +484,7 @@ pub(crate) fn execute_stage(
     let total = stage.steps.len() + 1;
     let epoch = ctx.opts.source_date_epoch;
 
+    ctx.check_cancelled()?;
     ctx.step_id += 1;
     let id = ctx.step_id;
     (ctx.events)(Event::Step {
@@ -552,11 +553,13 @@ pub(crate) fn execute_stage(
         let text = format!("FROM scratch\n{t}\n");
         let df = dockerfile::parse(&text, &format!("ONBUILD trigger of {base}"))?;
         for step in df.stages()?.stages.remove(0).steps {
+            ctx.check_cancelled()?;
             dispatch(ctx, stages, i, done, &mut state, &step, &df)?;
         }
     }
 
     for (n, step) in stage.steps.iter().enumerate() {
+        ctx.check_cancelled()?;
         ctx.step_id += 1;
         let id = ctx.step_id;
         (ctx.events)(Event::Step {
@@ -638,7 +641,10 @@ fn dispatch(
                 done,
             };
             let d = super::run::run_step(ctx, refs, st, run, mounts, &created_by, env, user)
-                .map_err(err)?;
+                .map_err(|e| match e {
+                    super::run::StepError::Cancelled => BuildError::Cancelled,
+                    super::run::StepError::Failed(m) => err(m),
+                })?;
             Ok(Some(d))
         }
         Instruction::Arg(args) => {

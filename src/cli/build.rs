@@ -298,6 +298,7 @@ pub(super) fn run(a: BuildArgs) -> anyhow::Result<ExitCode> {
             .filter(|s| !s.is_empty())
             .collect(),
         secrets,
+        cancel: None,
     };
     let mode = if a.quiet {
         Mode::Quiet

@@ -16,6 +16,8 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 mod child;
@@ -236,6 +238,10 @@ pub struct RunSpec {
     pub hostname: String,
     /// Kill the whole sandbox after this long.
     pub timeout: Option<Duration>,
+    /// Kill the whole sandbox once this flag is set (checked before starting and at least
+    /// every [`CANCEL_POLL`] while the command runs); the run then ends with
+    /// [`RunStatus::Cancelled`] and its upper holds whatever was written until then.
+    pub cancel: Option<Arc<AtomicBool>>,
     /// Force a root file system mechanism; `None` picks the first that works.
     pub rootfs: Option<RootfsKind>,
     /// How many bytes of the end of the combined output [`RunOutcome::output`] keeps.
@@ -265,6 +271,7 @@ impl RunSpec {
             chown: Vec::new(),
             hostname: "strata".into(),
             timeout: None,
+            cancel: None,
             rootfs: None,
             output_limit: 64 * 1024,
         }
@@ -283,7 +290,13 @@ pub enum RunStatus {
     Signaled(i32),
     /// The timeout expired and the sandbox was killed.
     TimedOut,
+    /// [`RunSpec::cancel`] was set: the sandbox was killed (or never started).
+    Cancelled,
 }
+
+/// How often a running sandbox looks at [`RunSpec::cancel`]: the longest a set flag goes
+/// unnoticed.
+pub const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 /// The result of a run.
 #[derive(Clone, Debug)]

@@ -1,9 +1,15 @@
 //! The parent side of a run: prepare mountpoints and the child plan, fork, write the id maps,
-//! stream output, enforce the timeout, and read back what the children reported.
+//! stream output, enforce the timeout and the cancel flag, and read back what the children
+//! reported.
+//!
+//! A timeout and a cancel end a run the same way: SIGKILL to stage 1, whose death kills stage
+//! 2 (`PR_SET_PDEATHSIG`), the init of the run's pid namespace, and with it every process of
+//! the namespace; its mount namespace (overlay, tmpfs, secrets) goes with the last of them.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use libc::c_int;
@@ -13,7 +19,9 @@ use super::idmap::MapPlan;
 use super::plan::{
     HostFiles, command_exec, container_rel, cpath, cstr, mount_ops, mountpoints, overlay_escape,
 };
-use super::{Network, Result, RootfsKind, RunOutcome, RunSpec, RunStatus, SandboxError};
+use super::{
+    CANCEL_POLL, Network, Result, RootfsKind, RunOutcome, RunSpec, RunStatus, SandboxError,
+};
 
 /// The directories the sandbox uses inside `work`.
 struct WorkDirs {
@@ -59,6 +67,9 @@ pub(super) fn run(
         }
     }
     let dirs = WorkDirs::new(&spec.work);
+    if is_cancelled(spec) {
+        return Ok(not_started(spec, &map));
+    }
     if spec.rootfs != Some(RootfsKind::Copy) {
         let fuse = match spec.rootfs {
             Some(RootfsKind::KernelOverlay) => None,
@@ -83,10 +94,29 @@ pub(super) fn run(
             }
         }
     }
+    if is_cancelled(spec) {
+        return Ok(not_started(spec, &map));
+    }
     let outcome = run_copy(spec, &map, &dirs, on_line);
     // The scratch root is a full copy of the image: never leave it behind.
     let _ = std::fs::remove_dir_all(&dirs.scratch);
     outcome
+}
+
+fn is_cancelled(spec: &RunSpec) -> bool {
+    spec.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::SeqCst))
+}
+
+/// The outcome of a run cancelled before anything was started.
+fn not_started(spec: &RunSpec, map: &MapPlan) -> RunOutcome {
+    RunOutcome {
+        status: RunStatus::Cancelled,
+        output: Vec::new(),
+        rootfs: spec.rootfs.unwrap_or(RootfsKind::Copy),
+        ids: map.map.clone(),
+    }
 }
 
 /// Run on an overlay; `None` when neither overlay mechanism could be mounted.
@@ -197,7 +227,9 @@ fn run_copy(
                 source: io::Error::other("unexpected overlay report"),
             }
         })?;
-    snapshot.diff_into(&dirs.scratch, &spec.upper)?;
+    if outcome.status != RunStatus::Cancelled {
+        snapshot.diff_into(&dirs.scratch, &spec.upper)?;
+    }
     Ok(outcome)
 }
 
@@ -249,7 +281,14 @@ fn supervise(
         command: command_exec(spec)?,
     };
     let started = Instant::now();
-    let reports = spawn(&plan, map, spec.timeout, spec.output_limit, on_line)?;
+    let reports = spawn(
+        &plan,
+        map,
+        spec.timeout,
+        spec.cancel.as_deref(),
+        spec.output_limit,
+        on_line,
+    )?;
     let mut kind = None;
     let mut status = None;
     for rec in reports.records.chunks_exact(child::RECORD) {
@@ -263,9 +302,10 @@ fn supervise(
             u32::from_ne_bytes(word(1)),
             i32::from_ne_bytes(word(2)),
         );
+        // A cancelled run was killed, whatever its children managed to report.
         match tag {
-            child::TAG_FAIL => return Err(step_error(a, b, &steps, spec)),
-            child::TAG_NO_OVERLAY => {
+            child::TAG_FAIL if !reports.cancelled => return Err(step_error(a, b, &steps, spec)),
+            child::TAG_NO_OVERLAY if !reports.cancelled => {
                 tracing::debug!(errno = b, "kernel overlayfs refused");
                 return Ok(None);
             }
@@ -280,7 +320,9 @@ fn supervise(
             _ => {}
         }
     }
-    let status = if reports.timed_out {
+    let status = if reports.cancelled {
+        RunStatus::Cancelled
+    } else if reports.timed_out {
         RunStatus::TimedOut
     } else if let Some(st) = status {
         if libc::WIFEXITED(st) {
@@ -358,6 +400,7 @@ struct Reports {
     records: Vec<u8>,
     output: Vec<u8>,
     timed_out: bool,
+    cancelled: bool,
 }
 
 /// An owned file descriptor closed on drop.
@@ -435,11 +478,13 @@ fn kill_and_reap(pid: libc::pid_t) {
     }
 }
 
-/// Fork stage 1, map its ids, then pump output until it exits or the timeout expires.
+/// Fork stage 1, map its ids, then pump output until it exits; kill it when the timeout
+/// expires or `cancel` is set.
 fn spawn(
     plan: &Plan,
     map: &MapPlan,
     timeout: Option<Duration>,
+    cancel: Option<&AtomicBool>,
     limit: usize,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Reports> {
@@ -490,6 +535,7 @@ fn spawn(
             records: collect(&status_r),
             output: Vec::new(),
             timed_out: false,
+            cancelled: false,
         });
     }
     if let Err(e) = map.apply(pid) {
@@ -517,16 +563,38 @@ fn spawn(
     };
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut timed_out = false;
+    let mut cancelled = false;
     let mut out_open = true;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let wait_ms = match deadline {
-            Some(d) if !timed_out => d
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(i32::MAX as u128) as c_int,
-            _ => -1,
-        };
+        let killed = timed_out || cancelled;
+        if !killed {
+            let why = if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                cancelled = true;
+                "cancelled"
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                timed_out = true;
+                "timed out"
+            } else {
+                ""
+            };
+            if !why.is_empty() {
+                tracing::debug!("sandbox {why}; killing its pid namespace");
+                // SAFETY: pid is our child (not yet reaped: its pidfd has not fired).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                continue;
+            }
+        }
+        // Until it is killed: wake at the deadline, and often enough to see a cancel.
+        let mut wait = deadline
+            .filter(|_| !killed)
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if cancel.is_some() && !killed {
+            wait = Some(wait.map_or(CANCEL_POLL, |w| w.min(CANCEL_POLL)));
+        }
+        let wait_ms = wait.map_or(-1, |w| {
+            w.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int
+        });
         let mut fds = [
             libc::pollfd {
                 fd: pidfd.0,
@@ -550,10 +618,6 @@ fn spawn(
             return Err(e.into());
         }
         if n == 0 {
-            tracing::debug!("sandbox timed out; killing its pid namespace");
-            // SAFETY: pid is our child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            timed_out = true;
             continue;
         }
         if fds[1].revents != 0 {
@@ -590,5 +654,6 @@ fn spawn(
         records: collect(&status_r),
         output: output.finish(),
         timed_out,
+        cancelled,
     })
 }

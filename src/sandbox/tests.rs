@@ -282,6 +282,55 @@ fn timeout_kills_the_process_tree() {
 }
 
 #[test]
+fn cancel_kills_the_process_tree() {
+    let fx = Fixture::new();
+    let marker = tempfile::tempdir().unwrap();
+    let mut spec =
+        fx.spec("(sleep 3; echo escaped > /m/late) & echo started; sleep 300; echo never");
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    spec.cancel = Some(flag.clone());
+    spec.mounts.push(Mount::Bind {
+        source: marker.path().to_owned(),
+        target: "/m".into(),
+        readonly: false,
+    });
+    let started = Instant::now();
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (outcome, _) = fx.run(&spec);
+    let took = started.elapsed();
+    setter.join().unwrap();
+    eprintln!("cancelled run ended {took:?} after it started");
+    assert_eq!(outcome.status, RunStatus::Cancelled, "{}", output(&outcome));
+    assert!(
+        took >= Duration::from_secs(1),
+        "ended before the cancel: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(output(&outcome).contains("started"), "{}", output(&outcome));
+    assert!(!output(&outcome).contains("never"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !marker.path().join("late").exists(),
+        "a background process survived"
+    );
+}
+
+#[test]
+fn a_cancel_set_before_the_run_starts_nothing() {
+    let fx = Fixture::new();
+    let mut spec = fx.spec("echo ran > /ran");
+    spec.cancel = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        true,
+    )));
+    let (outcome, entries) = fx.run(&spec);
+    assert_eq!(outcome.status, RunStatus::Cancelled);
+    assert!(entries.is_empty(), "{:?}", entries.keys());
+}
+
+#[test]
 fn env_and_cwd_are_applied() {
     let fx = Fixture::new();
     let mut spec = fx.spec("echo $FOO; pwd; echo $HOME");

@@ -2,16 +2,33 @@
 //! remote (into the store's git cache), build the Dockerfile or recipe read from it, push,
 //! then tag in the local store. Progress is reported as JSON events.
 //!
-//! Cancellation is checked between phases, at every build event (a step starting or
-//! ending: the build unwinds from there, and its work directory is removed as the stack
-//! unwinds) and during the push (the upload futures are dropped before the manifest is
-//! sent). Nothing is tagged, locally or in the registry, unless every phase completed; a
-//! deploy hand-off (a Flux artifact) runs after the image is pushed.
+//! Cancellation ([`Cancel`], set by `DELETE /api/v1/builds/{id}`, by a heartbeat that learns
+//! of a cancel on another replica or of a lost lease, and at shutdown) shares one flag with
+//! the engine ([`crate::build::CancelToken`]) and the git transport, and is seen:
+//! - during the git fetch: gix checks the flag while it negotiates and receives the pack, and
+//!   the fetch fails at its next read (the ref listing before it is not interrupted);
+//! - between phases (after the fetch, the cache import and the build);
+//! - by the build before every stage and step and before a RUN command starts, and at every
+//!   build event (a step starting or ending: the build unwinds from there);
+//! - while a RUN command runs: the sandbox looks at the flag every
+//!   [`crate::sandbox::CANCEL_POLL`] and SIGKILLs the run's first stage, which takes down its
+//!   whole pid namespace (the command and everything it started); the step's directories are
+//!   removed and nothing is cached for it;
+//! - during the push, the cache export and the deploy hand-off (the futures are dropped
+//!   where they are: a push stops before its manifest is sent).
+//!
+//! Work between those points (compressing one layer, pulling the base's blobs, the ref
+//! listing) runs to its end first, so a cancel takes effect within a poll interval during a
+//! RUN and after at most the current such piece of work otherwise. Either way the build's
+//! work directory (under the store's `tmp/`) is removed as the build returns or unwinds, and
+//! the job ends as [`JobError::Cancelled`], also when the build reports a different error
+//! after the flag was set (a step killed halfway may fail in its own way). Nothing is tagged,
+//! locally or in the registry, unless every phase completed; a deploy hand-off (a Flux
+//! artifact) runs after the image is pushed.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,29 +37,35 @@ use tokio::sync::Notify;
 
 use super::deploy::{self, DeploySpec};
 use super::spec::BuildSpec;
-use crate::build::{self, BuildOptions, Event};
+use crate::build::{self, BuildError, BuildOptions, CancelToken, Event};
 use crate::media::{Compression, Platform};
 use crate::registry::{Client, Reference, Secret, TransferEvent};
 use crate::source::{Dockerignore, GitAuth, GitCache, GitContext};
 use crate::store::{ImageName, Store};
 
-/// A build's stop switch, shared by the worker, the API and the build thread.
+/// A build's stop switch, shared by the worker, the API and the build thread; its flag is
+/// the engine's [`CancelToken`] (see the [module docs](self)).
 #[derive(Debug, Default)]
 pub struct Cancel {
-    flag: AtomicBool,
+    token: CancelToken,
     notify: Notify,
 }
 
 impl Cancel {
     /// Ask the build to stop.
     pub fn cancel(&self) {
-        self.flag.store(true, Ordering::SeqCst);
+        self.token.cancel();
         self.notify.notify_waiters();
     }
 
     /// Whether it was asked to stop.
     pub fn is_cancelled(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
+        self.token.is_cancelled()
+    }
+
+    /// The flag as the engine takes it: set by [`Cancel::cancel`].
+    pub fn token(&self) -> CancelToken {
+        self.token.clone()
     }
 
     /// Resolves once it is asked to stop.
@@ -198,6 +221,15 @@ fn until_cancelled<T>(
     })
 }
 
+/// `e`, unless the job was cancelled: a fetch or step stopped halfway fails in its own way.
+fn cancelled_or(cancel: &Cancel, e: impl std::error::Error) -> JobError {
+    if cancel.is_cancelled() {
+        JobError::Cancelled
+    } else {
+        e.into()
+    }
+}
+
 fn check(cancel: &Cancel) -> Result<(), JobError> {
     if cancel.is_cancelled() {
         Err(JobError::Cancelled)
@@ -222,8 +254,10 @@ pub fn run(
         headers: Vec::new(),
     };
     emit(json!({"type": "fetch", "repository": spec.repository, "ref": spec.git_ref}));
-    let cache = GitCache::new(store.root().join("git"));
-    let checkout = cache.fetch(&ctx, &auth)?;
+    let cache = GitCache::new(store.root().join("git")).interrupt_with(cancel.token.flag().clone());
+    let checkout = cache
+        .fetch(&ctx, &auth)
+        .map_err(|e| cancelled_or(cancel, e))?;
     let commit = checkout.commit.to_string();
     emit(json!({"type": "fetched", "commit": commit}));
     check(cancel)?;
@@ -287,6 +321,7 @@ pub fn run(
         no_cache_filter: Vec::new(),
         // The publish API takes no build secrets (a repository's build gets none).
         secrets: Default::default(),
+        cancel: Some(cancel.token()),
     };
     let client = engine
         .client
@@ -329,7 +364,9 @@ pub fn run(
         None => build::build(store, Some(&remote), &opts, &mut on_event),
     }));
     let out = match built {
-        Ok(r) => r?,
+        Ok(Ok(out)) => out,
+        Ok(Err(BuildError::Cancelled)) => return Err(JobError::Cancelled),
+        Ok(Err(e)) => return Err(cancelled_or(cancel, e)),
         Err(p) if p.is::<Stop>() => return Err(JobError::Cancelled),
         Err(p) => {
             let msg = p

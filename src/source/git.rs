@@ -15,6 +15,8 @@ mod context;
 mod remote;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use gix::ObjectId;
 
@@ -96,12 +98,26 @@ impl GitAuth {
 #[derive(Clone, Debug)]
 pub struct GitCache {
     dir: PathBuf,
+    interrupt: Arc<AtomicBool>,
 }
 
 impl GitCache {
     /// A cache in `dir` (created on first fetch).
     pub fn new(dir: impl Into<PathBuf>) -> GitCache {
-        GitCache { dir: dir.into() }
+        GitCache {
+            dir: dir.into(),
+            interrupt: Arc::default(),
+        }
+    }
+
+    /// Stop a fetch once `flag` is set: gix checks it while it negotiates and receives the
+    /// pack (every read of the pack stream), and the fetch fails with
+    /// [`SourceError::GitInterrupted`]; nothing is referenced in the cache repository for a
+    /// commit that did not arrive in full. The ref listing before it is not interrupted.
+    /// Without this the flag is never set (the CLI's case).
+    pub fn interrupt_with(mut self, flag: Arc<AtomicBool>) -> GitCache {
+        self.interrupt = flag;
+        self
     }
 
     /// The cache directory.
@@ -148,7 +164,7 @@ impl GitCache {
                 return GitCheckout::open(repo, id);
             }
         }
-        let id = remote::fetch(&local, ctx, &headers)?;
+        let id = remote::fetch(&local, ctx, &headers, &self.interrupt)?;
         drop(local);
         let checkout = GitCheckout::open(repo, id);
         // Held until the commit is known to be complete in the cache.

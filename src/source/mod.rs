@@ -140,6 +140,12 @@ pub enum SourceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The fetch was interrupted through [`GitCache::interrupt_with`]'s flag.
+    #[error("git fetch from {url} was interrupted")]
+    GitInterrupted {
+        /// The repository URL, without credentials.
+        url: String,
+    },
     /// A cache repository could not be created or opened.
     #[error("cannot use git cache repository {path}")]
     GitRepo {

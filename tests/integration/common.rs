@@ -311,3 +311,17 @@ pub fn busybox_rootfs(root: &Path, applets: &[&str]) {
     write(root, "etc/group", b"root:x:0:\n");
     std::fs::create_dir_all(root.join("tmp")).unwrap();
 }
+
+/// Processes whose command line is `argv` (on this host, any pid namespace).
+pub fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}

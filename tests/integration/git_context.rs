@@ -490,3 +490,38 @@ fn clear_errors_for_missing_ref_subdir_and_host() {
         )
     );
 }
+
+#[test]
+fn a_set_interrupt_flag_stops_the_fetch_and_caches_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let server = GitServer::start(Auth::None);
+    let repo = server.create_app_repo("repos/org/app.git");
+    let home = tempfile::tempdir().expect("temp dir");
+    let flag = Arc::new(AtomicBool::new(true));
+    let cache = GitCache::new(home.path().join("git")).interrupt_with(flag.clone());
+    let url = server.url(REPO);
+    // The refs are listed; receiving the pack stops at once.
+    for context in [url.clone(), format!("{url}#{}", repo.feature)] {
+        let err = cache
+            .fetch(&ctx(&context), &GitAuth::default())
+            .expect_err("interrupted");
+        assert!(
+            matches!(err, SourceError::GitInterrupted { .. }),
+            "{}",
+            chain(&err)
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("git fetch from {url} was interrupted")
+        );
+    }
+    // Nothing half-fetched counts as cached: with the flag down the same cache fetches both.
+    flag.store(false, Ordering::SeqCst);
+    assert_eq!(fetch(&cache, &url).commit, repo.main);
+    assert_eq!(
+        fetch(&cache, &format!("{url}#{}", repo.feature)).commit,
+        repo.feature
+    );
+}

@@ -1,6 +1,7 @@
 //! RUN in the rootless sandbox, on a tiny base made from Debian's busybox-static: the Altinn
 //! final stage's user creation and `mkdir` as the new user, a deleted base file, ARG values in
-//! the environment, failures located at their line, and cache hits that execute nothing.
+//! the environment, failures located at their line, cache hits that execute nothing, and a
+//! running step killed by the build's cancel token.
 
 use crate::common::*;
 
@@ -154,4 +155,79 @@ fn a_rebuild_derives_nothing_from_the_base_layers_again() {
         let (obj, _, uid, gid) = &tree["home/app"];
         assert_eq!((obj, *uid, *gid), (&Obj::Dir, 1000, 3000));
     }
+}
+
+#[test]
+fn a_cancel_kills_a_running_run_step_and_caches_nothing() {
+    use std::time::{Duration, Instant};
+    use strata::build::{BuildError, BuildOptions, CancelToken, Event};
+
+    let env = Env::new();
+    busybox_base(&env);
+    let ctx = run_ctx(&env, "FROM busybase\nRUN echo started && sleep 298\n");
+    let store = strata::store::Store::open(env.home()).expect("store");
+    // Twice: a step cancelled the first time must run (and be cancelled) again, not come
+    // from the cache.
+    for attempt in 1..=2 {
+        let token = CancelToken::new();
+        let opts = BuildOptions {
+            context: ctx.clone(),
+            context_entries: None,
+            dockerfile_path: ctx.join("Dockerfile"),
+            dockerfile_name: "Dockerfile".into(),
+            dockerfile: std::fs::read_to_string(ctx.join("Dockerfile")).expect("Dockerfile"),
+            build_args: Default::default(),
+            target: None,
+            labels: Default::default(),
+            platform: strata::media::Platform::host(),
+            compression: strata::media::Compression::Gzip,
+            compression_level: None,
+            source_date_epoch: 0,
+            threads: 1,
+            no_cache: false,
+            no_cache_filter: Vec::new(),
+            secrets: Default::default(),
+            cancel: Some(token.clone()),
+        };
+        // Cancel once the command is seen running, from another thread.
+        let setter = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while processes_running(&["sleep", "298"]).is_empty() {
+                assert!(Instant::now() < deadline, "the RUN step never started");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            token.cancel();
+            Instant::now()
+        });
+        let mut steps = Vec::new();
+        let result = strata::build::build(&store, None, &opts, &mut |e| {
+            if let Event::Step { text, .. } = e {
+                steps.push(text);
+            }
+        });
+        let asked = setter.join().expect("cancel thread");
+        let took = asked.elapsed();
+        eprintln!("attempt {attempt}: the build returned {took:?} after the cancel");
+        assert!(
+            matches!(result, Err(BuildError::Cancelled)),
+            "{:?}",
+            result.map(|o| o.digest)
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("RUN echo started && sleep 298")
+        );
+        assert!(
+            processes_running(&["sleep", "298"]).is_empty(),
+            "the command survived the cancel"
+        );
+        assert!(
+            crate::serve_support::tmp_entries(&env.home()).is_empty(),
+            "{:?}",
+            crate::serve_support::tmp_entries(&env.home())
+        );
+    }
+    env.fsck();
 }

@@ -1,5 +1,5 @@
-//! `strata serve` durability on real parts: delete and cancel, kill -9 mid-build, SIGTERM,
-//! retention, and two replicas sharing a PostgreSQL queue.
+//! `strata serve` durability on real parts: delete and cancel (also of a running RUN step),
+//! kill -9 mid-build, SIGTERM, retention, and two replicas sharing a PostgreSQL queue.
 
 use std::time::{Duration, Instant};
 
@@ -365,5 +365,115 @@ fn cancel_between_build_steps_unwinds_cleanly() {
         tmp_entries(&env.home())
     );
     assert_eq!(env.names(), [reg.image("ttd/after-app:1")]);
+    env.fsck();
+}
+
+/// `DELETE` of a build whose `RUN sleep 317` is running: the sandbox is killed within
+/// moments (not after 317 s), the step's directories go, nothing is tagged, and the worker's
+/// next build (with a RUN of its own) succeeds.
+#[test]
+fn cancel_kills_a_running_run_step_promptly() {
+    const SLEEP: [&str; 2] = ["sleep", "317"];
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let reg = Registry::anonymous();
+    // A runnable base in the registry, as an app's `FROM` names one.
+    let base_env = Env::new();
+    let base_ctx = base_env.path("base");
+    busybox_rootfs(&base_ctx.join("rootfs"), &["sh", "echo", "sleep"]);
+    write(&base_ctx, "Dockerfile", b"FROM scratch\nCOPY rootfs/ /\n");
+    let base = reg.image("ttd/busybox-base:1");
+    base_env.build(&base_ctx, &["--push", "-t", &base]);
+    let app = |rel: &str, run: &str| {
+        let dockerfile = format!("FROM {base}\nRUN {run}\n");
+        app_repo_with(
+            &git,
+            rel,
+            &[("Dockerfile.run".to_string(), dockerfile.into_bytes())],
+        )
+        .0
+    };
+    let slow = app("repos/ttd/sleepy-app.git", "echo started && sleep 317");
+    let quick = app("repos/ttd/quick-app.git", "echo ran > /ran");
+    let request = |url: &str, image: &str| {
+        let mut req = publish(url, &reg.image(image));
+        req["dockerfile"] = json!("Dockerfile.run");
+        req
+    };
+    assert!(
+        processes_running(&SLEEP).is_empty(),
+        "a sleep 317 is already running"
+    );
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "1"]);
+
+    let id = serve.submit(&request(&slow, "ttd/sleepy-app:1"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while processes_running(&SLEEP).is_empty() {
+        assert_eq!(
+            serve.build(&id)["state"],
+            "running",
+            "the build ended early"
+        );
+        assert!(Instant::now() < deadline, "the RUN step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let steps: Vec<Value> = events_so_far(&serve, &id)
+        .into_iter()
+        .filter(|e| e["type"] == "step")
+        .collect();
+    assert_eq!(
+        steps.last().expect("steps")["text"],
+        "RUN echo started && sleep 317",
+        "{steps:?}"
+    );
+
+    let asked = Instant::now();
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let b = serve.wait_final(&id, 60);
+    let took = asked.elapsed();
+    eprintln!("the build was cancelled {took:?} after the DELETE");
+    assert_eq!(b["state"], "cancelled", "{b:#}");
+    assert!(
+        took < Duration::from_secs(10),
+        "not stopped promptly: {took:?}"
+    );
+    assert_eq!(b["digest"], Value::Null);
+    assert!(
+        processes_running(&SLEEP).is_empty(),
+        "the RUN command outlived the cancel"
+    );
+    // The step's overlay upper and work directories and the build's work directory are gone
+    // while the server runs on.
+    assert!(
+        tmp_entries(&env.home()).is_empty(),
+        "{:?}",
+        tmp_entries(&env.home())
+    );
+    let events = serve.events(&id);
+    assert!(
+        !events.iter().any(|(_, _, v)| v["type"] == "built"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().expect("events").2["state"], "cancelled");
+    assert!(registry_tags(&reg, "ttd/sleepy-app").is_empty());
+
+    // The worker and the sandbox are fine: the next build runs its RUN step and succeeds.
+    let next = serve.submit(&request(&quick, "ttd/quick-app:1"));
+    let b = serve.wait_final(&next, 120);
+    assert_eq!(b["state"], "succeeded", "{b:#}");
+    assert_eq!(
+        registry_digest(&reg, "ttd/quick-app", "1").as_deref(),
+        b["digest"].as_str()
+    );
+    drop(serve);
+    let names = env.names();
+    assert!(!names.iter().any(|n| n.contains("sleepy-app")), "{names:?}");
+    assert!(names.contains(&reg.image("ttd/quick-app:1")), "{names:?}");
+    assert!(
+        tmp_entries(&env.home()).is_empty(),
+        "{:?}",
+        tmp_entries(&env.home())
+    );
     env.fsck();
 }

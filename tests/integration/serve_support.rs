@@ -68,8 +68,13 @@ impl Serve {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = s.log_text();
-            if let Some(rest) = text.split("listening on http://").nth(1) {
-                s.addr = rest
+            // Only a whole line: the log may be read while the server is still writing it.
+            if let Some((addr, _)) = text
+                .split("listening on http://")
+                .nth(1)
+                .and_then(|rest| rest.split_once('\n'))
+            {
+                s.addr = addr
                     .split_whitespace()
                     .next()
                     .expect("address")

@@ -1,7 +1,7 @@
 //! Talking to the remote: list refs, resolve REF, fetch one commit with depth 1.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use gix::ObjectId;
 use gix::protocol::handshake::Ref;
@@ -28,11 +28,12 @@ pub(super) fn fetch(
     repo: &gix::Repository,
     ctx: &GitContext,
     headers: &[String],
+    interrupt: &AtomicBool,
 ) -> Result<ObjectId, SourceError> {
-    match fetch_ref(repo, ctx, headers) {
+    match fetch_ref(repo, ctx, headers, interrupt) {
         Err(SourceError::GitRefNotFound { reference, url }) => match ctx.ref_kind() {
             RefKind::Name(name) if is_short_hex(name) => {
-                fetch_abbreviated(repo, ctx, headers, name)
+                fetch_abbreviated(repo, ctx, headers, name, interrupt)
             }
             _ => Err(SourceError::GitRefNotFound { reference, url }),
         },
@@ -68,6 +69,7 @@ fn fetch_abbreviated(
     ctx: &GitContext,
     headers: &[String],
     prefix: &str,
+    interrupt: &AtomicBool,
 ) -> Result<ObjectId, SourceError> {
     let not_found = || SourceError::GitRefNotFound {
         reference: prefix.to_string(),
@@ -93,8 +95,8 @@ fn fetch_abbreviated(
             let prepare = prepare(&remote, ctx, headers)?;
             prepare
                 .with_shallow(Shallow::undo())
-                .receive(gix::progress::Discard, &AtomicBool::new(false))
-                .map_err(|e| remote_error(ctx, e))?;
+                .receive(gix::progress::Discard, interrupt)
+                .map_err(|e| interrupted(ctx, interrupt).unwrap_or_else(|| remote_error(ctx, e)))?;
             resolve_abbreviated(repo, ctx, prefix)?.ok_or_else(not_found)?
         }
     };
@@ -112,6 +114,7 @@ fn fetch_ref(
     repo: &gix::Repository,
     ctx: &GitContext,
     headers: &[String],
+    interrupt: &AtomicBool,
 ) -> Result<ObjectId, SourceError> {
     let spec = match ctx.ref_kind() {
         RefKind::Head => "HEAD",
@@ -131,9 +134,9 @@ fn fetch_ref(
         let remote = self::remote(repo, ctx, &name)?;
         let prepare = self::prepare(&remote, ctx, headers)?;
         let (_, id) = resolve(ctx, &prepare)?;
-        return receive(repo, ctx, prepare, id);
+        return receive(repo, ctx, prepare, id, interrupt);
     }
-    receive(repo, ctx, prepare, id)
+    receive(repo, ctx, prepare, id, interrupt)
 }
 
 /// A remote for `ctx`'s URL that fetches `spec` (no local ref is written, no tags follow).
@@ -247,14 +250,17 @@ fn receive(
     ctx: &GitContext,
     prepare: Prepare<'_, '_>,
     id: ObjectId,
+    interrupt: &AtomicBool,
 ) -> Result<ObjectId, SourceError> {
     let depth = NonZeroU32::new(1).expect("1 is not zero");
     let outcome = prepare
         .with_shallow(Shallow::DepthAtRemote(depth))
-        .receive(gix::progress::Discard, &AtomicBool::new(false));
+        .receive(gix::progress::Discard, interrupt);
     let outcome = match outcome {
         Ok(outcome) => outcome,
-        Err(e) => return Err(receive_error(ctx, id, e)),
+        Err(e) => {
+            return Err(interrupted(ctx, interrupt).unwrap_or_else(|| receive_error(ctx, id, e)));
+        }
     };
     if !has_commit(repo, id) {
         return Err(SourceError::GitRefNotFound {
@@ -281,6 +287,15 @@ fn receive(
     }
     tracing::debug!(commit = %id, url = ctx.url(), "fetched git commit");
     Ok(id)
+}
+
+/// The error of a receive that failed because `interrupt` was set.
+fn interrupted(ctx: &GitContext, interrupt: &AtomicBool) -> Option<SourceError> {
+    interrupt
+        .load(Ordering::SeqCst)
+        .then(|| SourceError::GitInterrupted {
+            url: ctx.url().to_string(),
+        })
 }
 
 /// Sorts an error from receiving the pack.
