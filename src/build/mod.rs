@@ -95,8 +95,8 @@ pub struct BuildOptions {
 /// the sandbox watches it while the command runs (at least every
 /// [`crate::sandbox::CANCEL_POLL`]): once set, the command's whole pid namespace is killed,
 /// its directories are removed, nothing is cached for the step, and the build returns
-/// [`BuildError::Cancelled`]. Work between those points (compressing a layer, pulling a base)
-/// finishes before the flag is seen.
+/// [`BuildError::Cancelled`]. A download of base layers is dropped where it is (blobs are
+/// committed only when complete). Compressing one layer finishes before the flag is seen.
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
 
@@ -211,6 +211,8 @@ pub(crate) struct Fetch<'a> {
     pub store: &'a Store,
     pub work: &'a std::path::Path,
     pub remote: Option<&'a Remote>,
+    /// A download stops (its temporary blob is dropped) when this is set.
+    pub cancel: Option<&'a CancelToken>,
 }
 
 impl Fetch<'_> {
@@ -230,12 +232,23 @@ impl Fetch<'_> {
                 "base layers live in a registry, but no registry client is configured".into(),
             )
         })?;
-        remote.handle.block_on(crate::registry::ensure_blobs(
-            &remote.client,
-            self.store,
-            &missing,
-        ))?;
-        Ok(())
+        let download = crate::registry::ensure_blobs(&remote.client, self.store, &missing);
+        let Some(cancel) = self.cancel else {
+            remote.handle.block_on(download)?;
+            return Ok(());
+        };
+        // A cancel drops the download where it is: blobs are committed only when complete.
+        let cancelled = async {
+            while !cancel.is_cancelled() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        remote.handle.block_on(async {
+            tokio::select! {
+                r = download => r.map_err(BuildError::from),
+                () = cancelled => Err(BuildError::Cancelled),
+            }
+        })
     }
 }
 
@@ -254,7 +267,7 @@ pub(crate) struct Ctx<'a> {
     /// Images named by `COPY --from=<image>`, loaded once.
     pub images: HashMap<String, StageState>,
     /// Content digests of context files by stat data.
-    pub stat: std::sync::Mutex<crate::store::StatCache>,
+    pub stat: crate::store::LoadingStatCache,
     /// The context directory (files under it go through the stat cache).
     pub context_dir: Option<PathBuf>,
     /// Layers reused from the cache.
@@ -287,6 +300,7 @@ impl Ctx<'_> {
             store: self.store,
             work: self.work.path(),
             remote: self.remote,
+            cancel: self.opts.cancel.as_ref(),
         }
     }
 
@@ -420,7 +434,7 @@ fn prepare<'a>(
         context_tree: None,
         global_args,
         images: HashMap::new(),
-        stat: std::sync::Mutex::new(crate::store::StatCache::load(store)),
+        stat: crate::store::StatCache::load_in_background(store),
         context_dir: std::fs::canonicalize(&opts.context).ok(),
         cache_hits: std::sync::atomic::AtomicU64::new(0),
         used: std::sync::Mutex::new(Vec::new()),
@@ -449,7 +463,7 @@ fn finish(ctx: Ctx, mut last: StageState) -> Result<BuildOutput, BuildError> {
     }
     let image = Image::assemble_annotated(last.config.to_bytes(), &last.layers, &annotations)
         .map_err(StoreError::from)?;
-    let stat = ctx.stat.into_inner().unwrap_or_else(|p| p.into_inner());
+    let stat = ctx.stat.into_inner();
     stat.save(store)?;
     store.put_bytes(&image.config_bytes)?;
     let digest = store.put_bytes(&image.manifest_bytes)?;

@@ -176,7 +176,7 @@ fn source_identity(
                 mtime: 0,
                 threads: ctx.opts.threads,
             };
-            let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stat = ctx.stat.lock();
             let key =
                 super::cache::layer_key(&entries, &settings, &mut stat, ctx.context_dir.as_deref())
                     .map_err(|e| e.to_string())?;
@@ -211,11 +211,13 @@ fn materialize_source(
         None => context_entries(ctx, source)?,
         Some(f) => {
             let (store, work, remote) = (ctx.store, ctx.work.path().to_path_buf(), ctx.remote);
+            let cancel = ctx.opts.cancel.clone();
             let state = from_state(ctx, stages, f)?;
             let fetch = super::Fetch {
                 store,
                 work: &work,
                 remote,
+                cancel: cancel.as_ref(),
             };
             state.ensure_tree(&fetch, true).map_err(|e| e.to_string())?;
             let tree = state.tree();
@@ -803,8 +805,9 @@ fn execute(
     }
     let entries = upper_to_entries(&upper, &outcome.ids).map_err(|e| e.to_string())?;
     Ok(st
-        .add_layer_keyed(ctx, entries, created_by, key)
-        .map_err(|e| e.to_string())?)
+        .add_layer_keyed(ctx, entries, created_by, Some(key))
+        .map_err(|e| e.to_string())?
+        .0)
 }
 
 /// Most snapshot directories stacked in one overlay: the kernel takes the mount options in one

@@ -43,6 +43,10 @@ pub(crate) struct StageState {
     sources: Vec<LayerSource>,
     /// The file-system view, and whether file content (not just metadata) is available.
     tree: Option<(FsTree, bool)>,
+    /// Layers added since the view was built, applied to it when a step next needs it
+    /// (most stages never look at their view again: a COPY into `FROM scratch` then costs no
+    /// second pass over its entries).
+    pending: Vec<Arc<Vec<Entry>>>,
     /// Whether the view leaves out base layers still in a registry (a lazy base): paths not
     /// in the view may then exist in the image.
     pub(super) partial: bool,
@@ -65,6 +69,7 @@ impl StageState {
             layers: Vec::new(),
             sources: Vec::new(),
             tree: Some((FsTree::new(), true)),
+            pending: Vec::new(),
             partial: false,
             args: BTreeMap::new(),
             cmd_inherited: false,
@@ -88,6 +93,7 @@ impl StageState {
             sources: vec![LayerSource::Store; layers.len()],
             layers,
             tree: None,
+            pending: Vec::new(),
             partial: false,
             args: BTreeMap::new(),
             cmd_inherited: image.config.config().cmd().is_some(),
@@ -101,8 +107,16 @@ impl StageState {
     /// downloaded; with content they are fetched first.
     pub(super) fn ensure_tree(&mut self, f: &Fetch, content: bool) -> Result<(), BuildError> {
         if matches!(self.tree, Some((_, c)) if c || !content) {
+            let StageState { tree, pending, .. } = self;
+            if let Some((tree, _)) = tree {
+                for entries in pending.drain(..) {
+                    tree.apply_entries(&entries)?;
+                }
+            }
             return Ok(());
         }
+        // Rebuilt from every layer's source, the pending ones included.
+        self.pending.clear();
         let (store, work) = (f.store, f.work);
         if content {
             // Only base layers can be missing: this build's own layers are in the store.
@@ -218,10 +232,7 @@ impl StageState {
         created_by: &str,
         memo: Option<crate::digest::Digest>,
     ) -> Result<Descriptor, BuildError> {
-        let started = std::time::Instant::now();
-        let key = entries_key(ctx, &entries)?;
-        tracing::debug!(millis = started.elapsed().as_millis(), "layer key");
-        let descriptor = self.add_layer_keyed(ctx, entries, created_by, key)?;
+        let (descriptor, key) = self.add_layer_keyed(ctx, entries, created_by, None)?;
         if let Some(m) = memo {
             ctx.store.memo_put(&m, &Memo::Layer { key })?;
         }
@@ -261,24 +272,41 @@ impl StageState {
         self.shell.clone()
     }
 
-    /// Write `entries` as a new layer under cache key `key` (or reuse the cached one).
+    /// Write `entries` as a new layer under cache key `key` (or reuse the cached one);
+    /// without a key, the entries' own ([`entries_key`]): looked up first when the cache is
+    /// on, else computed on another thread while the layer is written. Returns the layer and
+    /// its key.
     pub(super) fn add_layer_keyed(
         &mut self,
         ctx: &Ctx,
         entries: Vec<Entry>,
         created_by: &str,
-        key: crate::digest::Digest,
-    ) -> Result<Descriptor, BuildError> {
+        key: Option<crate::digest::Digest>,
+    ) -> Result<(Descriptor, crate::digest::Digest), BuildError> {
         let opts = ctx.opts;
         let mtime = u64::try_from(opts.source_date_epoch).unwrap_or(0);
         let use_cache = !opts.no_cache && !opts.no_cache_filter.contains(&self.name);
-        let (layer, cached) = match use_cache.then(|| ctx.store.cache_get(&key)).flatten() {
+        let key = match key {
+            None if use_cache => {
+                let started = std::time::Instant::now();
+                let k = entries_key(ctx, &entries)?;
+                tracing::debug!(millis = started.elapsed().as_millis(), "layer key");
+                Some(k)
+            }
+            k => k,
+        };
+        let hit = match (use_cache, &key) {
+            (true, Some(k)) => ctx.store.cache_get(k),
+            _ => None,
+        };
+        let (layer, cached, key) = match hit {
             Some(hit) => (
                 Layer {
                     descriptor: hit.descriptor,
                     diff_id: hit.diff_id,
                 },
                 true,
+                key.expect("a hit has a key"),
             ),
             None => {
                 // With the cache on, gzip blocks unchanged since the slot's last build are
@@ -296,8 +324,21 @@ impl StageState {
                     .threads(opts.threads)
                     .block_reuse(slot.is_some(), reuse.clone());
                 let started = std::time::Instant::now();
-                let (stats, blob, records) =
-                    writer.write_recorded(entries.clone(), ctx.store.blob_writer()?)?;
+                let blob_writer = ctx.store.blob_writer()?;
+                let (stat, context_dir) = (&ctx.stat, ctx.context_dir.as_deref());
+                let (written, key) = std::thread::scope(|s| {
+                    let keying = key
+                        .is_none()
+                        .then(|| s.spawn(|| entries_key_with(opts, stat, context_dir, &entries)));
+                    let written = writer.write_recorded(entries.clone(), blob_writer);
+                    let key = match keying {
+                        Some(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                        None => Ok(key.expect("a key was given")),
+                    };
+                    (written, key)
+                });
+                let (stats, blob, records) = written?;
+                let key = key?;
                 let (digest, size) = blob.commit(None)?;
                 let reused = reuse.map_or(0, |r| r.hits());
                 tracing::debug!(
@@ -321,7 +362,7 @@ impl StageState {
                         diff_id: layer.diff_id,
                     },
                 )?;
-                (layer, false)
+                (layer, false, key)
             }
         };
         ctx.cache_hits
@@ -339,11 +380,12 @@ impl StageState {
             history(created_by, opts.source_date_epoch, false),
         );
         self.layers.push(layer);
-        if let Some((tree, _)) = &mut self.tree {
-            tree.apply_entries(&entries)?;
+        let entries = Arc::new(entries);
+        if self.tree.is_some() {
+            self.pending.push(entries.clone());
         }
-        self.sources.push(LayerSource::Entries(Arc::new(entries)));
-        Ok(descriptor)
+        self.sources.push(LayerSource::Entries(entries));
+        Ok((descriptor, key))
     }
 
     /// Where a layer about to be written on top of this stage's layers by `created_by` goes
@@ -372,16 +414,24 @@ impl StageState {
 
 /// The layer-cache key of `entries` written with the build's settings.
 fn entries_key(ctx: &Ctx, entries: &[Entry]) -> Result<crate::digest::Digest, BuildError> {
-    let opts = ctx.opts;
+    entries_key_with(ctx.opts, &ctx.stat, ctx.context_dir.as_deref(), entries)
+}
+
+fn entries_key_with(
+    opts: &super::BuildOptions,
+    stat: &crate::store::LoadingStatCache,
+    context_dir: Option<&std::path::Path>,
+    entries: &[Entry],
+) -> Result<crate::digest::Digest, BuildError> {
     let settings = super::cache::WriterSettings {
         compression: opts.compression,
         level: opts.compression_level,
         mtime: u64::try_from(opts.source_date_epoch).unwrap_or(0),
         threads: opts.threads,
     };
-    let mut stat = ctx.stat.lock().unwrap_or_else(|p| p.into_inner());
+    let mut stat = stat.lock();
     Ok(
-        super::cache::layer_key(entries, &settings, &mut stat, ctx.context_dir.as_deref())
+        super::cache::layer_key(entries, &settings, &mut stat, context_dir)
             .map_err(StoreError::Io)?,
     )
 }
@@ -1143,6 +1193,7 @@ fn copy_step(
                     store,
                     work: &work,
                     remote,
+                    cancel: ctx.opts.cancel.as_ref(),
                 };
                 let other = ctx.images.get_mut(f).expect("inserted above");
                 other.ensure_tree(&fetch, true)?;

@@ -246,6 +246,41 @@ impl Store {
     }
 }
 
+/// A stat cache being loaded on another thread (see [`StatCache::load_in_background`]).
+#[derive(Debug)]
+pub struct LoadingStatCache {
+    loading: std::sync::Mutex<Option<std::thread::JoinHandle<StatCache>>>,
+    cache: std::sync::OnceLock<std::sync::Mutex<StatCache>>,
+}
+
+impl LoadingStatCache {
+    fn ready(&self) -> &std::sync::Mutex<StatCache> {
+        self.cache.get_or_init(|| {
+            let handle = self
+                .loading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            // A panicked loader leaves an empty cache: it is only a cache.
+            std::sync::Mutex::new(handle.and_then(|h| h.join().ok()).unwrap_or_default())
+        })
+    }
+
+    /// The cache, once loaded.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, StatCache> {
+        self.ready().lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cache itself, once loaded.
+    pub fn into_inner(self) -> StatCache {
+        self.ready();
+        self.cache
+            .into_inner()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct StatEntry {
     size: u64,
@@ -286,7 +321,23 @@ impl StatCache {
 
     /// Load the store's stat cache (empty when missing or unreadable: it is only a cache).
     pub fn load(store: &Store) -> StatCache {
-        let entries = fs::read(Self::path(store))
+        Self::load_from(&Self::path(store))
+    }
+
+    /// Load the store's stat cache on another thread (it is parsed while the build walks its
+    /// context); [`LoadingStatCache::lock`] waits for it.
+    pub fn load_in_background(store: &Store) -> LoadingStatCache {
+        let path = Self::path(store);
+        LoadingStatCache {
+            loading: std::sync::Mutex::new(Some(std::thread::spawn(move || {
+                Self::load_from(&path)
+            }))),
+            cache: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn load_from(path: &Path) -> StatCache {
+        let entries = fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();

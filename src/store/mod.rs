@@ -17,7 +17,7 @@ mod lock;
 mod mounts;
 mod name;
 
-pub use cache::{CachedLayer, Memo, StatCache};
+pub use cache::{CachedLayer, LoadingStatCache, Memo, StatCache};
 pub use export::{ExportTarget, export};
 pub use fsck::{FsckReport, fsck};
 pub use gc::{DiskUsage, PruneOptions, PruneReport, disk_usage, prune};

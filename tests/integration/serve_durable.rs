@@ -330,10 +330,11 @@ fn finished_builds_are_pruned_after_the_retention() {
 #[test]
 fn cancel_between_build_steps_unwinds_cleanly() {
     let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
-    // Six layers of 4 MiB of noise each: seconds of compression, step after step.
+    // Sixteen layers of 4 MiB of noise each: seconds of compression, step after step (the
+    // DELETE follows the first step's end, and must come before the last).
     let mut files = Vec::new();
     let mut dockerfile = String::from("FROM scratch\n");
-    for i in 0..6 {
+    for i in 0..16 {
         files.push((format!("big/{i}.bin"), noise(4 << 20, 100 + i)));
         dockerfile.push_str(&format!("COPY big/{i}.bin /data/{i}.bin\n"));
     }
@@ -409,10 +410,10 @@ fn cancel_kills_a_running_run_step_promptly() {
     let id = serve.submit(&request(&slow, "ttd/sleepy-app:1"));
     let deadline = Instant::now() + Duration::from_secs(120);
     while processes_running(&SLEEP).is_empty() {
-        assert_eq!(
-            serve.build(&id)["state"],
-            "running",
-            "the build ended early"
+        let state = serve.build(&id)["state"].clone();
+        assert!(
+            state == "queued" || state == "running",
+            "the build ended early: {state}"
         );
         assert!(Instant::now() < deadline, "the RUN step never started");
         std::thread::sleep(Duration::from_millis(50));
