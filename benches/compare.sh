@@ -2,13 +2,14 @@
 # strata vs its peers on the reference workload of the speed issue, side by side.
 #
 #   bash benches/compare.sh            # everything; writes BENCHMARKS.md at the repo root
+#   CASES=all,run bash benches/compare.sh  # also the RUN cases (~20 min more); BENCHMARKS.md too
 #   CASES=run bash benches/compare.sh  # only the selected cases; writes target/bench/partial.md
 #
 # CASES: `all` (default: cold, noop, onefile, pull, gzip, zstd, rss — the speed issue's
 # suite) or a comma/space separated selection of those and `run` (the RUN cases: a
 # multi-stage Dockerfile whose build stage compiles C with gcc on a debootstrap base and whose
 # runtime stage runs groupadd/useradd/mkdir, cold and no-op rebuild, strata vs buildah; only
-# when named, e.g. CASES=all,run). Anything but plain `all` skips the profile and writes
+# when named, e.g. CASES=all,run). A selection without `all` skips the profile and writes
 # target/bench/partial.md, leaving BENCHMARKS.md alone.
 # Environment: RUNS (measured runs per case, default 5, after one warm-up), THREADS
 # (compression threads, default nproc), RSS_RUNS (default 1), APP_DIR=DIR to benchmark a real
@@ -42,6 +43,8 @@ want() {
     esac
 }
 want_app() { want cold || want noop || want onefile || want gzip || want zstd; }
+# The whole speed suite was asked for (`all`, possibly with `run`): BENCHMARKS.md is written.
+full_suite() { [[ ",${CASES// /,}," == *",all,"* ]]; }
 SUITE_START=$EPOCHREALTIME
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -457,7 +460,7 @@ fi
 PROF=$RUN/profile
 mkdir -p "$PROF"
 PROFILE_TOOL=none
-[[ $CASES == all ]] || PROFILE=0 # the profile needs the publish workload
+full_suite || PROFILE=0 # the profile needs the publish workload
 case $PROFILE in
 0 | none) ;;
 auto)
@@ -501,7 +504,7 @@ if [[ $PROFILE_TOOL != none ]]; then
 fi
 
 # --- report -----------------------------------------------------------------------------------
-if [[ $CASES != all ]]; then
+if ! full_suite; then
     REPORT=$B/partial.md
     log "writing $REPORT (a selection: BENCHMARKS.md is left alone)"
 else

@@ -232,10 +232,12 @@ pub(super) fn add_missing_parents(
     (uid, gid): (u64, u64),
 ) {
     let mut parents = Vec::new();
+    // Each directory is looked at once: its ancestors were handled the first time.
+    let mut seen: std::collections::HashSet<&Path> = std::collections::HashSet::new();
     for p in out.keys() {
         let mut a = p.parent();
         while let Some(dir) = a {
-            if dir.as_os_str().is_empty() {
+            if dir.as_os_str().is_empty() || !seen.insert(dir) {
                 break;
             }
             if dest_tree.get(dir).is_none() && !out.contains_key(dir) {

@@ -296,3 +296,24 @@ fn entry_link_keys_are_remapped_per_layer() {
     assert_eq!(key("a"), key("b"));
     assert_ne!(key("a"), key("c"));
 }
+
+#[test]
+fn tree_keys_order_like_paths() {
+    // Byte order with `/` lowest must agree with Path's component order for every pair of
+    // normalised paths, or a subtree would not be one contiguous range.
+    let names = [
+        "", "a", "a-b", "a.b", "a/b", "a/b/c", "a/b-c", "a/b.c", "a/bc", "ab", "a b", "a\u{1}",
+        "a/\u{7f}", "a/\u{e9}", "b", "a/b/c/d", "a0", "a/", "z/a", "a/-", "a!/b",
+    ];
+    let norm = |s: &str| -> PathBuf { s.split('/').filter(|c| !c.is_empty()).collect() };
+    for x in names {
+        for y in names {
+            let (px, py) = (norm(x), norm(y));
+            assert_eq!(
+                KeyRef::new(&px).cmp(KeyRef::new(&py)),
+                px.as_path().cmp(py.as_path()),
+                "{x:?} vs {y:?}"
+            );
+        }
+    }
+}
