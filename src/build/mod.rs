@@ -96,7 +96,8 @@ pub struct BuildOptions {
 /// [`crate::sandbox::CANCEL_POLL`]): once set, the command's whole pid namespace is killed,
 /// its directories are removed, nothing is cached for the step, and the build returns
 /// [`BuildError::Cancelled`]. A download of base layers is dropped where it is (blobs are
-/// committed only when complete). Compressing one layer finishes before the flag is seen.
+/// committed only when complete), and a layer being written stops before its next file (its
+/// temporary blob is dropped).
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
 

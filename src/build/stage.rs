@@ -322,7 +322,8 @@ impl StageState {
                     .level(opts.compression_level)
                     .mtime(mtime)
                     .threads(opts.threads)
-                    .block_reuse(slot.is_some(), reuse.clone());
+                    .block_reuse(slot.is_some(), reuse.clone())
+                    .stop_on(opts.cancel.as_ref().map(|c| c.flag().clone()));
                 let started = std::time::Instant::now();
                 let blob_writer = ctx.store.blob_writer()?;
                 let (stat, context_dir) = (&ctx.stat, ctx.context_dir.as_deref());
@@ -337,7 +338,10 @@ impl StageState {
                     };
                     (written, key)
                 });
-                let (stats, blob, records) = written?;
+                let (stats, blob, records) = written.map_err(|e| match e {
+                    crate::layer::LayerError::Cancelled => BuildError::Cancelled,
+                    e => e.into(),
+                })?;
                 let key = key?;
                 let (digest, size) = blob.commit(None)?;
                 let reused = reuse.map_or(0, |r| r.hits());

@@ -29,6 +29,9 @@ pub enum LayerError {
     /// Reading or writing bytes failed (fs-err errors name their path).
     #[error("layer i/o failed")]
     Io(#[from] io::Error),
+    /// The writer's stop flag was set (a cancelled build): the layer was not finished.
+    #[error("writing the layer was cancelled")]
+    Cancelled,
     /// Reading a layer tar failed: malformed header, truncated stream, bad compression.
     #[error("reading layer tar failed")]
     ReadTar(#[source] io::Error),

@@ -70,6 +70,8 @@ pub struct LayerWriter {
     record_blocks: bool,
     /// gzip: blocks of an earlier blob to copy when unchanged.
     reuse: Option<std::sync::Arc<ReuseSource>>,
+    /// Checked before each entry: once set, the write stops with [`LayerError::Cancelled`].
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for LayerWriter {
@@ -88,7 +90,15 @@ impl LayerWriter {
             threads: 1,
             record_blocks: false,
             reuse: None,
+            stop: None,
         }
+    }
+
+    /// Stop at the next entry once `flag` is set (a cancelled build); the output is then
+    /// incomplete and the caller drops it.
+    pub fn stop_on(mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        self.stop = flag;
+        self
     }
 
     /// gzip only: record where each block lands ([`LayerWriter::write_recorded`] returns the
@@ -177,6 +187,13 @@ impl LayerWriter {
                     .map(|&first| &entries[first]),
                 _ => None,
             };
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(LayerError::Cancelled);
+            }
             tar.cut(false)?;
             self.write_entry(&mut tar, e, link_to)?;
         }

@@ -517,3 +517,17 @@ fn reused_gzip_blocks_give_the_bytes_of_a_fresh_build() {
     assert_eq!(third, first);
     assert_eq!(reuse.hits(), 0);
 }
+
+#[test]
+fn a_set_stop_flag_ends_the_write_with_cancelled() {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = LayerWriter::new().stop_on(Some(flag.clone()));
+    // Not set: the layer is written as without a flag.
+    assert_eq!(
+        write(&w, sample()).1,
+        write(&LayerWriter::new(), sample()).1
+    );
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = w.write(sample(), Vec::new()).unwrap_err();
+    assert!(matches!(err, LayerError::Cancelled), "{err:?}");
+}

@@ -14,12 +14,14 @@
 //!   [`crate::sandbox::CANCEL_POLL`] and SIGKILLs the run's first stage, which takes down its
 //!   whole pid namespace (the command and everything it started); the step's directories are
 //!   removed and nothing is cached for it;
+//! - while base layers download (the download is dropped; blobs are committed only whole);
+//! - while a layer is written, before each of its files (the temporary blob is dropped);
 //! - during the push, the cache export and the deploy hand-off (the futures are dropped
 //!   where they are: a push stops before its manifest is sent).
 //!
-//! Work between those points (compressing one layer, pulling the base's blobs, the ref
-//! listing) runs to its end first, so a cancel takes effect within a poll interval during a
-//! RUN and after at most the current such piece of work otherwise. Either way the build's
+//! Work between those points (one file of a layer, the ref listing) runs to its end first,
+//! so a cancel takes effect within a poll interval during a RUN or a download and after at
+//! most the current such piece of work otherwise. Either way the build's
 //! work directory (under the store's `tmp/`) is removed as the build returns or unwinds, and
 //! the job ends as [`JobError::Cancelled`], also when the build reports a different error
 //! after the flag was set (a step killed halfway may fail in its own way). Nothing is tagged,
