@@ -1,5 +1,6 @@
-//! `strata serve` durability on real parts: delete and cancel (also of a running RUN step),
-//! kill -9 mid-build, SIGTERM, retention, and two replicas sharing a PostgreSQL queue.
+//! `strata serve` durability on real parts: delete and cancel (also of a running RUN step and
+//! of a base-layer download), kill -9 mid-build, SIGTERM, retention, and two replicas sharing
+//! a PostgreSQL queue.
 
 use std::time::{Duration, Instant};
 
@@ -476,5 +477,72 @@ fn cancel_kills_a_running_run_step_promptly() {
         "{:?}",
         tmp_entries(&env.home())
     );
+    env.fsck();
+}
+
+/// `DELETE` of a build that is downloading its base (a stage with RUN needs the base's files)
+/// through a proxy at 512 KiB/s: the download is dropped (about a minute of it was left),
+/// nothing of it is stored or left in `tmp/`, nothing is tagged.
+#[test]
+fn cancel_drops_a_running_base_layer_download() {
+    let git = GitServer::start(Auth::Basic(GIT_TOKEN.into()));
+    let reg = Registry::anonymous();
+    let base_env = Env::new();
+    let base_ctx = base_env.path("base");
+    busybox_rootfs(&base_ctx.join("rootfs"), &["sh", "true"]);
+    write(&base_ctx.join("rootfs"), "opt/big.bin", &noise(32 << 20, 7));
+    write(&base_ctx, "Dockerfile", b"FROM scratch\nCOPY rootfs/ /\n");
+    base_env.build(&base_ctx, &["--push", "-t", &reg.image("ttd/big-base:1")]);
+    let proxy = Throttle::start(reg.addr(), 0);
+    proxy.set_down_rate(512 * 1024);
+    let dockerfile = format!("FROM {}\nRUN true\n", proxy.image("ttd/big-base:1"));
+    let (url, _) = app_repo_with(
+        &git,
+        "repos/ttd/pulling-app.git",
+        &[("Dockerfile.run".to_string(), dockerfile.into_bytes())],
+    );
+    let env = Env::new();
+    let serve = Serve::start(&env, &["--workers", "1"]);
+    let mut req = publish(&url, &reg.image("ttd/pulling-app:1"));
+    req["dockerfile"] = json!("Dockerfile.run");
+    let id = serve.submit(&req);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = serve.build(&id)["state"].clone();
+        if state == "running" {
+            break;
+        }
+        assert_eq!(state, "queued");
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Well into the download (the git fetch and the manifests take a moment).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(serve.build(&id)["state"], "running");
+
+    let asked = Instant::now();
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let b = serve.wait_final(&id, 120);
+    let took = asked.elapsed();
+    eprintln!("the build was cancelled {took:?} after the DELETE");
+    assert_eq!(b["state"], "cancelled", "{b:#}");
+    assert!(
+        took < Duration::from_secs(10),
+        "not stopped promptly: {took:?}"
+    );
+    let events = serve.events(&id);
+    assert!(
+        !events.iter().any(|(_, _, v)| v["type"] == "built"),
+        "{events:?}"
+    );
+    assert!(
+        tmp_entries(&env.home()).is_empty(),
+        "{:?}",
+        tmp_entries(&env.home())
+    );
+    assert!(registry_tags(&reg, "ttd/pulling-app").is_empty());
+    drop(serve);
+    assert!(env.names().is_empty());
     env.fsck();
 }

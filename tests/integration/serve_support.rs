@@ -301,10 +301,12 @@ pub fn app_repo_with(
 }
 
 /// A TCP proxy that sends client bytes upstream at most `rate` bytes a second (0: as fast
-/// as they come), to make pushes slow on demand.
+/// as they come), to make pushes slow on demand, and the replies back at most
+/// [`Throttle::set_down_rate`] bytes a second (0 until set), to make pulls slow.
 pub struct Throttle {
     pub addr: SocketAddr,
     rate: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -313,8 +315,9 @@ impl Throttle {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let rate = Arc::new(AtomicU64::new(rate));
+        let down = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, st) = (rate.clone(), stop.clone());
+        let (r, d, st) = (rate.clone(), down.clone(), stop.clone());
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -324,20 +327,30 @@ impl Throttle {
                 let Ok(up) = TcpStream::connect(upstream) else {
                     continue;
                 };
-                let r = r.clone();
+                let (r, d) = (r.clone(), d.clone());
                 let (c2, u2) = (
                     client.try_clone().expect("clone"),
                     up.try_clone().expect("clone"),
                 );
                 thread::spawn(move || pipe(client, up, Some(r)));
-                thread::spawn(move || pipe(u2, c2, None));
+                thread::spawn(move || pipe(u2, c2, Some(d)));
             }
         });
-        Throttle { addr, rate, stop }
+        Throttle {
+            addr,
+            rate,
+            down,
+            stop,
+        }
     }
 
     pub fn set_rate(&self, rate: u64) {
         self.rate.store(rate, Ordering::SeqCst);
+    }
+
+    /// Replies (downloads) at most `rate` bytes a second from now on (0: unthrottled).
+    pub fn set_down_rate(&self, rate: u64) {
+        self.down.store(rate, Ordering::SeqCst);
     }
 
     /// `127.0.0.1:PORT/<path>`.
