@@ -11,11 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::view::{is_opaque, is_whiteout};
-use super::{Result, SandboxError};
-
-fn cpath(p: &Path) -> io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
-}
+use super::{Result, SandboxError, cpath, set_opaque_xattr};
 
 fn os_err(path: &Path) -> io::Error {
     let e = io::Error::last_os_error();
@@ -329,18 +325,7 @@ fn whiteout(path: &Path) -> Result<()> {
 /// Mark a directory opaque the way overlayfs with `userxattr` does, or with an OCI-style
 /// `.wh..wh..opq` file where xattrs are refused.
 fn mark_opaque(dir: &Path) -> Result<()> {
-    let c = cpath(dir)?;
-    // SAFETY: valid C strings and a one-byte value.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"user.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
-    };
-    if r != 0 {
+    if set_opaque_xattr(dir).is_err() {
         fs_err::File::create(dir.join(".wh..wh..opq"))?;
     }
     Ok(())

@@ -20,6 +20,32 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+/// `p` as a C string for a system call.
+fn cpath(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Mark `dir` opaque the way overlayfs with `userxattr` reads it (`user.overlay.opaque=y`).
+fn set_opaque_xattr(dir: &std::path::Path) -> io::Result<()> {
+    let c = cpath(dir)?;
+    // SAFETY: valid C strings and a one-byte value.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"user.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 mod child;
 mod copy;
 mod idmap;

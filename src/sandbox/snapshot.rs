@@ -9,14 +9,13 @@
 //! [`unpack_layer`](super::unpack_layer) consumes them, to list the whiteouts, which unpacking
 //! into an empty directory makes no-ops.
 
-use std::ffi::CString;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::view::{self, Found};
-use super::{Result, SandboxError};
+use super::{Result, SandboxError, cpath, set_opaque_xattr};
 
 /// The tar headers of a stream, read as the bytes go by (no copy of file data, no second
 /// parse): each entry's path, with GNU long names (`L`) and PAX `path` records applied as the
@@ -307,24 +306,8 @@ fn parents_of(paths: &[Vec<u8>]) -> Vec<PathBuf> {
     parents
 }
 
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
-}
-
 fn set_opaque(dir: &Path) -> Result<()> {
-    let c = cpath(dir)?;
-    // SAFETY: valid C strings and a one-byte value.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            c"user.overlay.opaque".as_ptr(),
-            b"y".as_ptr().cast(),
-            1,
-            0,
-        )
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = set_opaque_xattr(dir) {
         return Err(io::Error::new(
             e.kind(),
             format!("mark {} opaque (user.overlay.opaque): {e}", dir.display()),

@@ -15,13 +15,13 @@
 
 use fs_err::os::unix::fs::OpenOptionsExt;
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::{Result, SandboxError};
+use super::{Result, SandboxError, cpath};
 
 fn refuse(path: &[u8], why: impl Into<String>) -> SandboxError {
     SandboxError::UnsafeEntry {
@@ -152,10 +152,6 @@ fn remove_any(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
 }
 
 fn os_err(path: &Path) -> SandboxError {

@@ -223,11 +223,7 @@ fn a_cancel_kills_a_running_run_step_and_caches_nothing() {
             processes_running(&["sleep", "298"]).is_empty(),
             "the command survived the cancel"
         );
-        assert!(
-            crate::serve_support::tmp_entries(&env.home()).is_empty(),
-            "{:?}",
-            crate::serve_support::tmp_entries(&env.home())
-        );
+        crate::serve_support::assert_no_tmp(&env.home());
     }
     env.fsck();
 }

@@ -106,11 +106,7 @@ fn delete_queued_and_cancel_running_builds() {
     assert_eq!(events.last().expect("events").2["state"], "cancelled");
     drop(serve);
     assert!(env.names().is_empty(), "{:?}", env.names());
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
+    assert_no_tmp(&env.home());
     env.fsck();
 }
 
@@ -361,11 +357,7 @@ fn cancel_between_build_steps_unwinds_cleanly() {
     let next = serve.submit(&publish(&small, &reg.image("ttd/after-app:1")));
     assert_eq!(serve.wait_final(&next, 120)["state"], "succeeded");
     drop(serve);
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
+    assert_no_tmp(&env.home());
     assert_eq!(env.names(), [reg.image("ttd/after-app:1")]);
     env.fsck();
 }
@@ -447,11 +439,7 @@ fn cancel_kills_a_running_run_step_promptly() {
     );
     // The step's overlay upper and work directories and the build's work directory are gone
     // while the server runs on.
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
+    assert_no_tmp(&env.home());
     let events = serve.events(&id);
     assert!(
         !events.iter().any(|(_, _, v)| v["type"] == "built"),
@@ -472,11 +460,7 @@ fn cancel_kills_a_running_run_step_promptly() {
     let names = env.names();
     assert!(!names.iter().any(|n| n.contains("sleepy-app")), "{names:?}");
     assert!(names.contains(&reg.image("ttd/quick-app:1")), "{names:?}");
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
+    assert_no_tmp(&env.home());
     env.fsck();
 }
 
@@ -536,11 +520,7 @@ fn cancel_drops_a_running_base_layer_download() {
         !events.iter().any(|(_, _, v)| v["type"] == "built"),
         "{events:?}"
     );
-    assert!(
-        tmp_entries(&env.home()).is_empty(),
-        "{:?}",
-        tmp_entries(&env.home())
-    );
+    assert_no_tmp(&env.home());
     assert!(registry_tags(&reg, "ttd/pulling-app").is_empty());
     drop(serve);
     assert!(env.names().is_empty());

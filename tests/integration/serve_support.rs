@@ -437,6 +437,12 @@ pub fn tmp_entries(home: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Fail, listing them, if the store at `home` has anything left in `tmp/`.
+pub fn assert_no_tmp(home: &Path) {
+    let left = tmp_entries(home);
+    assert!(left.is_empty(), "left in tmp/: {left:?}");
+}
+
 /// Whether `needle` occurs anywhere in the files under `dir`.
 pub fn occurs_in_tree(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     walkdir::WalkDir::new(dir)
