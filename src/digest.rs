@@ -190,6 +190,12 @@ impl Hasher {
         self.inner.update(bytes);
         self.len += bytes.len() as u64;
     }
+    /// Feed `bytes` as one field of a key: its length (u64, little-endian), then the bytes,
+    /// so that no two different field lists hash alike.
+    pub fn field(&mut self, bytes: &[u8]) {
+        self.update(&(bytes.len() as u64).to_le_bytes());
+        self.update(bytes);
+    }
     /// Bytes fed so far.
     pub fn len(&self) -> u64 {
         self.len

@@ -100,11 +100,6 @@ fn file_digests<'a>(
     Ok(known)
 }
 
-fn field(h: &mut Hasher, bytes: &[u8]) {
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
-}
-
 /// The cache key of a layer made of `entries`. Files under `context` go through the stat
 /// cache; other files (spooled from other images) are hashed.
 pub(crate) fn layer_key(
@@ -115,16 +110,16 @@ pub(crate) fn layer_key(
 ) -> std::io::Result<Digest> {
     let digests = file_digests(entries, stat, context, settings.threads)?;
     let mut h = Hasher::new();
-    field(&mut h, FORMAT.as_bytes());
-    field(&mut h, settings.compression.name().as_bytes());
+    h.field(FORMAT.as_bytes());
+    h.field(settings.compression.name().as_bytes());
     // The effective level, so a change of default never reuses layers made with another.
     let level = settings.level.unwrap_or(match settings.compression {
         Compression::Gzip => crate::layer::DEFAULT_GZIP_LEVEL,
         Compression::Zstd => 3,
         Compression::None => 0,
     });
-    field(&mut h, &level.to_le_bytes());
-    field(&mut h, &settings.mtime.to_le_bytes());
+    h.field(&level.to_le_bytes());
+    h.field(&settings.mtime.to_le_bytes());
     let mut sorted: Vec<&Entry> = entries.iter().collect();
     sorted.sort_by(|a, b| {
         a.path
@@ -135,27 +130,27 @@ pub(crate) fn layer_key(
     // Hardlink groups by their first member in sort order, as the writer stores them.
     let mut groups: HashMap<u64, &Path> = HashMap::new();
     for e in &sorted {
-        field(&mut h, e.path.as_os_str().as_bytes());
+        h.field(e.path.as_os_str().as_bytes());
         h.update(&e.mode.to_le_bytes());
         h.update(&e.uid.to_le_bytes());
         h.update(&e.gid.to_le_bytes());
         match &e.kind {
-            EntryKind::Dir => field(&mut h, b"dir"),
+            EntryKind::Dir => h.field(b"dir"),
             EntryKind::Symlink { target } => {
-                field(&mut h, b"symlink");
-                field(&mut h, target.as_os_str().as_bytes());
+                h.field(b"symlink");
+                h.field(target.as_os_str().as_bytes());
             }
             EntryKind::File {
                 source,
                 size,
                 link_key,
             } => {
-                field(&mut h, b"file");
+                h.field(b"file");
                 h.update(&size.to_le_bytes());
                 match link_key.map(|k| *groups.entry(k).or_insert(&e.path)) {
                     Some(first) if first != e.path => {
-                        field(&mut h, b"hardlink");
-                        field(&mut h, first.as_os_str().as_bytes());
+                        h.field(b"hardlink");
+                        h.field(first.as_os_str().as_bytes());
                         continue;
                     }
                     _ => {}
@@ -168,7 +163,7 @@ pub(crate) fn layer_key(
                         .expect("every path was hashed above")
                         .to_string(),
                 };
-                field(&mut h, content.as_bytes());
+                h.field(content.as_bytes());
             }
         }
     }

@@ -60,11 +60,6 @@ pub(super) struct StageRefs<'a> {
     pub done: &'a mut [Option<StageState>],
 }
 
-fn field(h: &mut Hasher, b: &[u8]) {
-    h.update(&(b.len() as u64).to_le_bytes());
-    h.update(b);
-}
-
 /// Clean absolute form of a mount target, relative ones taken from the working directory.
 fn abs_target(target: &str, workdir: &str) -> Result<String, String> {
     let joined = if target.starts_with('/') {
@@ -612,33 +607,31 @@ pub(super) fn run_step(
     // The cache key: what the step's result depends on, known before running it.
     let diff_ids: Vec<Digest> = st.layers.iter().map(|l| l.diff_id).collect();
     let mut h = Hasher::new();
-    field(&mut h, b"strata-run-v2");
-    field(
-        &mut h,
+    h.field(b"strata-run-v2");
+    h.field(
         crate::image::chain_id(&diff_ids)
             .map(|d| d.to_string())
             .unwrap_or_default()
             .as_bytes(),
     );
     for a in &argv {
-        field(&mut h, a.as_bytes());
+        h.field(a.as_bytes());
     }
     if let Some((name, body)) = &script {
-        field(&mut h, format!("heredoc script {name}").as_bytes());
-        field(&mut h, body);
+        h.field(format!("heredoc script {name}").as_bytes());
+        h.field(body);
     }
     for (k, v) in &env {
-        field(&mut h, format!("{k}={v}").as_bytes());
+        h.field(format!("{k}={v}").as_bytes());
     }
-    field(&mut h, format!("{}:{}", user.0, user.1).as_bytes());
-    field(&mut h, cwd.as_bytes());
-    field(&mut h, format!("{network:?}").as_bytes());
+    h.field(format!("{}:{}", user.0, user.1).as_bytes());
+    h.field(cwd.as_bytes());
+    h.field(format!("{network:?}").as_bytes());
     for m in &plan.identity {
-        field(&mut h, m.as_bytes());
+        h.field(m.as_bytes());
     }
-    field(&mut h, ctx.opts.compression.name().as_bytes());
-    field(
-        &mut h,
+    h.field(ctx.opts.compression.name().as_bytes());
+    h.field(
         format!(
             "{:?}/{}",
             ctx.opts.compression_level, ctx.opts.source_date_epoch

@@ -397,10 +397,7 @@ impl StageState {
     /// finds the blocks of this one.
     fn slot(&self, created_by: &str, opts: &super::BuildOptions) -> crate::digest::Digest {
         let mut h = crate::digest::Hasher::new();
-        let mut field = |b: &[u8]| {
-            h.update(&(b.len() as u64).to_le_bytes());
-            h.update(b);
-        };
+        let mut field = |b: &[u8]| h.field(b);
         field(b"strata-slot-v1");
         for l in &self.layers {
             field(l.diff_id.as_bytes());
@@ -449,8 +446,7 @@ fn memo_on(ctx: &Ctx, st: &StageState) -> bool {
 fn memo_key(kind: &str, parts: &[&[u8]]) -> crate::digest::Digest {
     let mut h = crate::digest::Hasher::new();
     for b in std::iter::once(kind.as_bytes()).chain(parts.iter().copied()) {
-        h.update(&(b.len() as u64).to_le_bytes());
-        h.update(b);
+        h.field(b);
     }
     h.finish()
 }
