@@ -16,6 +16,7 @@ mod pgzip;
 mod read;
 mod tar;
 mod tree;
+mod zstd;
 
 pub use entry::{Entry, EntryKind, FileSource, Opener};
 pub use pgzip::{BlockRecord, ReuseSource};

@@ -18,6 +18,7 @@ use crate::media::Compression;
 
 use super::entry::check_path;
 use super::pgzip::{BlockOptions, BlockRecord, ParGzEncoder, ReuseSource};
+use super::zstd::ZstdWriter;
 use super::{Entry, EntryKind, FileSource, LayerError, Result};
 
 const BLOCK: usize = 512;
@@ -243,15 +244,12 @@ impl LayerWriter {
                         level,
                     });
                 }
-                let mut z = zstd::stream::write::Encoder::new(out, level)?;
-                z.include_checksum(true)?;
-                z.multithread(self.threads)?;
                 // Fixed 4 MiB jobs: zstd's default (4 × the window, 8 MiB at level 3) leaves one
                 // worker idle for the last job of a layer of tens of MB, and 1 MiB jobs re-load a
                 // 256 KiB overlap each time and compress 4% worse (78 MB app tree: 29.1 MB at
                 // 1 MiB, 27.9 MB at 4 MiB, 27.7 MB at 8 MiB). Job boundaries are a function of
                 // the input only, so the bytes still do not depend on `threads`.
-                z.set_parameter(zstd::zstd_safe::CParameter::JobSize(4 << 20))?;
+                let z = ZstdWriter::new(out, level, self.threads)?;
                 Ok(Encoder::Zstd(z))
             }
         }
@@ -547,7 +545,7 @@ fn octal(field: &mut [u8], value: u64) {
 enum Encoder<W: Write> {
     None(W),
     Gzip(ParGzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(ZstdWriter<W>),
 }
 
 impl<W: Write> Encoder<W> {

@@ -23,6 +23,95 @@ struct Ancestor {
     pending: Option<Entry>,
 }
 
+/// A depth-first walk of a directory in the order of BuildKit's walker: parents before
+/// children, siblings in byte order of their names, symlinks not followed.
+///
+/// Unlike `walkdir`, which stats every entry by its full path (a lookup of each component),
+/// entries are stat'ed relative to their open directory (`statx(dirfd, name)`, what
+/// `std::fs::DirEntry::metadata` does): on a 2,000-file context that halves the walk.
+struct Walk {
+    /// Per open directory: its depth, and its entries not yet yielded, last first.
+    stack: Vec<(usize, Vec<std::fs::DirEntry>)>,
+    /// The directory yielded last, entered on the next call unless skipped.
+    descend: Option<(usize, PathBuf)>,
+}
+
+/// One entry of a [`Walk`].
+struct WalkItem {
+    path: PathBuf,
+    depth: usize,
+    file_type: std::fs::FileType,
+    entry: std::fs::DirEntry,
+}
+
+impl WalkItem {
+    fn metadata(&self) -> Result<std::fs::Metadata, SourceError> {
+        self.entry.metadata().map_err(|source| SourceError::Read {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Walk {
+    fn new(root: &Path) -> Result<Walk, SourceError> {
+        Ok(Walk {
+            stack: vec![(1, Walk::read(root)?)],
+            descend: None,
+        })
+    }
+
+    /// A directory's entries, sorted so that popping yields them in byte order.
+    fn read(dir: &Path) -> Result<Vec<std::fs::DirEntry>, SourceError> {
+        let read = |source| SourceError::Read {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut entries = std::fs::read_dir(dir)
+            .map_err(read)?
+            .map(|e| e.map(|e| (e.file_name(), e)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read)?;
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let entries: Vec<std::fs::DirEntry> = entries.into_iter().rev().map(|(_, e)| e).collect();
+        Ok(entries)
+    }
+
+    /// Do not enter the directory yielded last.
+    fn skip_current_dir(&mut self) {
+        self.descend = None;
+    }
+
+    fn next(&mut self) -> Result<Option<WalkItem>, SourceError> {
+        if let Some((depth, dir)) = self.descend.take() {
+            let entries = Walk::read(&dir)?;
+            self.stack.push((depth + 1, entries));
+        }
+        while let Some((depth, entries)) = self.stack.last_mut() {
+            let Some(entry) = entries.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            let depth = *depth;
+            let path = entry.path();
+            let file_type = entry.file_type().map_err(|source| SourceError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if file_type.is_dir() {
+                self.descend = Some((depth, path.clone()));
+            }
+            return Ok(Some(WalkItem {
+                path,
+                depth,
+                file_type,
+                entry,
+            }));
+        }
+        Ok(None)
+    }
+}
+
 impl LocalContext {
     /// Opens the context directory; the path is made absolute (symlinks resolved) so the
     /// file sources the walk produces do not depend on the working directory.
@@ -52,33 +141,28 @@ impl LocalContext {
     pub fn entries(&self, ignore: &Dockerignore) -> Result<Vec<Entry>, SourceError> {
         let mut out = Vec::new();
         let mut ancestors: Vec<Ancestor> = Vec::new();
-        let mut walk = walkdir::WalkDir::new(&self.dir)
-            .follow_links(false)
-            .sort_by_file_name()
-            .min_depth(1)
-            .into_iter();
-        while let Some(item) = walk.next() {
-            let item = item.map_err(|e| self.walk_error(e))?;
-            let depth = item.depth();
+        let mut walk = Walk::new(&self.dir)?;
+        while let Some(item) = walk.next()? {
+            let depth = item.depth;
             while ancestors.last().is_some_and(|a| a.depth >= depth) {
                 ancestors.pop();
             }
             let rel = item
-                .path()
+                .path
                 .strip_prefix(&self.dir)
-                .expect("walkdir yields paths below its root")
+                .expect("the walk yields paths below its root")
                 .to_path_buf();
             let rel_str = rel.to_string_lossy();
             let hits = ignore.hits(&rel_str, ancestors.last().map(|a| a.hits.as_slice()));
             let excluded = ignore.excluded_with(&hits);
-            let file_type = item.file_type();
+            let file_type = item.file_type;
 
             if file_type.is_dir() {
                 if excluded && ignore.prune_with(&hits, &rel_str) {
                     walk.skip_current_dir();
                     continue;
                 }
-                let meta = item.metadata().map_err(|e| self.walk_error(e))?;
+                let meta = item.metadata()?;
                 let entry = Entry::dir(rel, meta.mode() & 0o7777, 0, 0);
                 let pending = if excluded {
                     Some(entry)
@@ -97,8 +181,8 @@ impl LocalContext {
             if excluded {
                 continue;
             }
-            let path = item.path();
-            let meta = item.metadata().map_err(|e| self.walk_error(e))?;
+            let path = item.path.as_path();
+            let meta = item.metadata()?;
             let kind = if file_type.is_file() {
                 // Fail now, naming the file, rather than halfway through writing a layer. The
                 // mode bits answer for nearly every file without a syscall; only a file they
@@ -136,16 +220,6 @@ impl LocalContext {
             });
         }
         Ok(out)
-    }
-
-    fn walk_error(&self, err: walkdir::Error) -> SourceError {
-        let path = err
-            .path()
-            .map_or_else(|| self.dir.clone(), Path::to_path_buf);
-        let source = err
-            .into_io_error()
-            .unwrap_or_else(|| std::io::Error::other("filesystem loop"));
-        SourceError::Read { path, source }
     }
 }
 
