@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use crate::layer::{Entry, EntryKind, FileSource, FsTree, LayerError, NodeKind};
+use crate::layer::{
+    Entry, EntryKind, FileSource, FsTree, LayerError, NodeKind, PathKey, PathKeyRef,
+};
 use crate::source::{Dockerignore, Pattern, has_glob_meta};
 
 /// What one COPY/ADD step asks for, with every word already expanded.
@@ -127,7 +129,7 @@ pub(super) fn plan(
         )));
     }
 
-    let mut out: BTreeMap<PathBuf, Entry> = BTreeMap::new();
+    let mut out: BTreeMap<PathKey, Entry> = BTreeMap::new();
     let target_for = |name: &Path| -> Result<PathBuf, CopyError> {
         if dest_is_dir {
             let base = name
@@ -146,7 +148,7 @@ pub(super) fn plan(
         let mode = spec.chmod.unwrap_or(0o644);
         let (uid, gid) = spec.chown.unwrap_or((0, 0));
         out.insert(
-            target.clone(),
+            PathKey(target.clone()),
             Entry {
                 path: target,
                 kind: EntryKind::File {
@@ -181,7 +183,7 @@ pub(super) fn plan(
                 {
                     let mut e = Entry::dir(dir_target.clone(), spec.chmod.unwrap_or(0o755), 0, 0);
                     (e.uid, e.gid) = spec.chown.unwrap_or((0, 0));
-                    out.insert(dir_target.clone(), e);
+                    out.insert(PathKey(dir_target.clone()), e);
                 }
                 for mut e in src.entries_under(&real)? {
                     let rel = e
@@ -192,15 +194,15 @@ pub(super) fn plan(
                     if rel.as_os_str().is_empty() {
                         continue;
                     }
-                    let rel_s = path_str(&rel);
-                    if spec.exclude.is_excluded(&rel_s)
-                        || spec.exclude.is_excluded(&path_str(&name.join(&rel)))
+                    if !spec.exclude.is_empty()
+                        && (spec.exclude.is_excluded(&path_str(&rel))
+                            || spec.exclude.is_excluded(&path_str(&name.join(&rel))))
                     {
                         continue;
                     }
                     e.path = dir_target.join(&rel);
                     apply_meta(&mut e, spec);
-                    out.insert(e.path.clone(), e);
+                    out.insert(PathKey(e.path.clone()), e);
                 }
             }
             _ => {
@@ -213,7 +215,7 @@ pub(super) fn plan(
                 let mut e = entries.pop().ok_or_else(|| invalid("source vanished"))?;
                 e.path = target;
                 apply_meta(&mut e, spec);
-                out.insert(e.path.clone(), e);
+                out.insert(PathKey(e.path.clone()), e);
             }
         }
     }
@@ -227,27 +229,27 @@ pub(super) fn plan(
 /// Add a directory entry (0755, `owner`) for every parent of `out`'s paths that neither the
 /// destination view nor `out` has. Not for partial views (see `CopySpec::dest_partial`).
 pub(super) fn add_missing_parents(
-    out: &mut BTreeMap<PathBuf, Entry>,
+    out: &mut BTreeMap<PathKey, Entry>,
     dest_tree: &FsTree,
     (uid, gid): (u64, u64),
 ) {
     let mut parents = Vec::new();
     // Each directory is looked at once: its ancestors were handled the first time.
     let mut seen: std::collections::HashSet<&Path> = std::collections::HashSet::new();
-    for p in out.keys() {
+    for PathKey(p) in out.keys() {
         let mut a = p.parent();
         while let Some(dir) = a {
             if dir.as_os_str().is_empty() || !seen.insert(dir) {
                 break;
             }
-            if dest_tree.get(dir).is_none() && !out.contains_key(dir) {
+            if dest_tree.get(dir).is_none() && !out.contains_key(PathKeyRef::new(dir)) {
                 parents.push(dir.to_path_buf());
             }
             a = dir.parent();
         }
     }
     for d in parents {
-        out.entry(d.clone())
+        out.entry(PathKey(d.clone()))
             .or_insert_with(|| Entry::dir(d, 0o755, uid, gid));
     }
 }
@@ -278,7 +280,7 @@ fn extract_into(
     path: &Path,
     dest_real: &Path,
     spool: &Path,
-    out: &mut BTreeMap<PathBuf, Entry>,
+    out: &mut BTreeMap<PathKey, Entry>,
 ) -> Result<(), CopyError> {
     let mut tree = FsTree::new();
     let r = crate::layer::open_decompressed(BufReader::new(src.open(path)?))?;
@@ -289,7 +291,7 @@ fn extract_into(
             e.uid = u;
             e.gid = g;
         }
-        out.insert(e.path.clone(), e);
+        out.insert(PathKey(e.path.clone()), e);
     }
     Ok(())
 }

@@ -194,7 +194,7 @@ fn layer_entries(
         if let (Some(m), false) = (chmod, matches!(e.kind, EntryKind::Symlink { .. })) {
             e.mode = m;
         }
-        out.insert(e.path.clone(), e);
+        out.insert(crate::layer::PathKey(e.path.clone()), e);
     }
     if !partial {
         add_missing_parents(&mut out, dest_tree, owner.unwrap_or((0, 0)));

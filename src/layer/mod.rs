@@ -23,6 +23,8 @@ pub use pgzip::{BlockRecord, ReuseSource};
 pub use read::{ArchiveFormat, detect_format, is_archive, is_archive_reader, open_decompressed};
 pub use tar::{DEFAULT_GZIP_LEVEL, LayerStats, LayerWriter};
 pub use tree::{FsTree, Node, NodeKind, SpecialKind, User};
+/// Paths ordered as the layer writer orders entries (bytes, `/` lowest), for maps of them.
+pub(crate) use tree::{Key as PathKey, KeyRef as PathKeyRef};
 
 /// Errors from writing, reading and applying layers.
 #[derive(Debug, thiserror::Error)]

@@ -123,15 +123,15 @@ impl Default for FsTree {
 /// comparing bytes with `/` below every other byte: the same order without parsing components
 /// on every comparison (most of the time of building a tree of thousands of entries).
 #[derive(Clone, Debug)]
-struct Key(PathBuf);
+pub(crate) struct Key(pub(crate) PathBuf);
 
 /// The borrowed form of [`Key`], for lookups by `&Path`.
 #[derive(Debug)]
 #[repr(transparent)]
-struct KeyRef(Path);
+pub(crate) struct KeyRef(Path);
 
 impl KeyRef {
-    fn new(path: &Path) -> &KeyRef {
+    pub(crate) fn new(path: &Path) -> &KeyRef {
         // SAFETY: KeyRef is a transparent wrapper around Path.
         unsafe { &*(std::ptr::from_ref::<Path>(path) as *const KeyRef) }
     }

@@ -28,7 +28,7 @@ struct Ancestor {
 ///
 /// Unlike `walkdir`, which stats every entry by its full path (a lookup of each component),
 /// entries are stat'ed relative to their open directory (`statx(dirfd, name)`, what
-/// `std::fs::DirEntry::metadata` does): on a 2,000-file context that halves the walk.
+/// `std::fs::DirEntry::metadata` does).
 struct Walk {
     /// Per open directory: its depth, and its entries not yet yielded, last first.
     stack: Vec<(usize, Vec<std::fs::DirEntry>)>,
@@ -73,8 +73,7 @@ impl Walk {
             .collect::<Result<Vec<_>, _>>()
             .map_err(read)?;
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let entries: Vec<std::fs::DirEntry> = entries.into_iter().rev().map(|(_, e)| e).collect();
-        Ok(entries)
+        Ok(entries.into_iter().rev().map(|(_, e)| e).collect())
     }
 
     /// Do not enter the directory yielded last.
@@ -181,8 +180,8 @@ impl LocalContext {
             if excluded {
                 continue;
             }
-            let path = item.path.as_path();
             let meta = item.metadata()?;
+            let path = item.path.as_path();
             let kind = if file_type.is_file() {
                 // Fail now, naming the file, rather than halfway through writing a layer. The
                 // mode bits answer for nearly every file without a syscall; only a file they
