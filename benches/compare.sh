@@ -6,7 +6,8 @@
 #   CASES=run bash benches/compare.sh  # only the selected cases; writes target/bench/partial.md
 #
 # CASES: `all` (default: cold, noop, onefile, pull, gzip, zstd, rss — the speed issue's
-# suite) or a comma/space separated selection of those and `run` (the RUN cases: a
+# suite — and serve: `strata serve`'s API latency under 200 clients, a release build of the
+# load test in tests/integration/serve.rs, SERVE_SECS long, default 30) or a comma/space separated selection of those and `run` (the RUN cases: a
 # multi-stage Dockerfile whose build stage compiles C with gcc on a debootstrap base and whose
 # runtime stage runs groupadd/useradd/mkdir, cold and no-op rebuild, strata vs buildah; only
 # when named, e.g. CASES=all,run). A selection without `all` skips the profile and writes
@@ -501,6 +502,17 @@ if [[ $PROFILE_TOOL != none ]]; then
     printf '{ "benchRun": "profile" }\n' >>"$CHANGED"
     profile onefile "$RUN/prof-home" app-strata-prof
     cp "$CTX/appsettings.orig" "$CHANGED"
+fi
+
+if want serve; then
+    SERVE_SECS=${SERVE_SECS:-30}
+    log "case serve: API latency, 200 clients for $SERVE_SECS s (release build)"
+    SERVE_LOADAVG_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+    (cd "$ROOT" && STRATA_SERVE_LOAD_SECS=$SERVE_SECS STRATA_SERVE_LOAD_REPORT=$RUN/serve-load.md \
+        cargo test --release --locked --test integration serve::two_hundred -- --nocapture >&2) ||
+        die "the serve load test failed"
+    export SERVE_REPORT=$RUN/serve-load.md SERVE_SECS SERVE_LOADAVG_BEFORE
+    export SERVE_LOADAVG_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 fi
 
 # --- report -----------------------------------------------------------------------------------
