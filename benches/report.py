@@ -248,6 +248,24 @@ else:
         parse = parse_callgrind if tool == "callgrind" else parse_perf
         print(summary(*parse(path), unit="G instructions" if tool == "callgrind" else "samples"))
 
+print("""
+### What profiles showed, and what changed because of them
+
+- zstd layer build: libzstd 1.5.7 (the `zstd-sys` crate) pre-splits every 128 KiB block
+  (`ZSTD_recordFingerprint_*`, `ZSTD_splitBlock`, plus entropy tables for the smaller blocks);
+  the zstd 1.5.4 CLI it is compared with has no pre-splitter. Compressing the app tar in memory
+  with 2 workers and 4 MiB jobs took 13–20% more CPU with it (`perf stat` task-clock) and gave a
+  larger blob (28.07 MB vs 27.94 MB). strata now drives libzstd directly and sets
+  `ZSTD_c_blockSplitterLevel` to 1 (no splitting): the case went from 0.85× to about 0.95–1.0×.
+- zstd and gzip layer builds: a timeline of the serial phases (walk, view, plan, commit) showed
+  the context walk stat'ing each file by its full path (a lookup of every component) and the
+  COPY plan comparing paths component by component; the walk now stats relative to the open
+  directory and the plan's map compares bytes (plan 3.8 → 1.7 ms on the app tree).
+- sha256 (diff_id over the tar, digest over the blob) is 15–17% of the layer cases' samples:
+  it runs beside the compressor (the diff_id on its own thread), and is not avoidable. A
+  `tee >(sha256sum)` on both sides of `tar | zstd` makes the peer 2.6× slower (499 vs 193 ms).
+""")
+
 # The publish backend's API latency under load: the `serve` case ran the load test (a release
 # build) and left its table in $SERVE_REPORT. A selection without it carries the last
 # recorded result over from benches/serve-load.md.
