@@ -574,6 +574,13 @@ pub(crate) fn execute_stage(
     })?;
     state.name = name.clone();
     state.args.clear();
+    // As BuildKit and buildah do: a stage whose base sets no PATH (scratch included) gets the
+    // default one in its config at FROM, so the image and `$PATH` in later steps have it.
+    if *state.config.oci.os() != oci_spec::image::Os::Windows
+        && !state.config.env().iter().any(|(k, _)| k == "PATH")
+    {
+        state.config.set_env("PATH", crate::sandbox::DEFAULT_PATH);
+    }
 
     // A stage that runs commands needs its base layers anyway: fetch them before any step, so
     // that what WORKDIR and COPY add (missing directories) is decided on the full view in
@@ -669,11 +676,9 @@ fn dispatch(
                 .filter(|(k, _)| !st.config.env().iter().any(|(e, _)| e == k))
                 .collect();
             env.extend(st.config.env());
+            // A Windows base may leave PATH to the OS; a Linux RUN still needs one.
             if !env.iter().any(|(k, _)| k == "PATH") {
-                env.push((
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ));
+                env.push(("PATH".into(), crate::sandbox::DEFAULT_PATH.into()));
             }
             let user = current_user_ids(ctx, st).map_err(&err)?;
             let user = (

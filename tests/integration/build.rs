@@ -100,6 +100,8 @@ fn sample_service_builds_unpacks_and_exports() {
         assert_eq!(
             env_vars,
             vec![
+                // FROM scratch sets no PATH: the stage gets the default one, as with BuildKit.
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "ASPNETCORE_URLS=",
                 "DOTNET_SYSTEM_GLOBALIZATION_INVARIANT=false"
             ]
@@ -365,7 +367,14 @@ fn stages_inherit_from_local_images_like_docker() {
     ]);
     let config = skopeo_inspect_config(&format!("oci:{}:c", layout.display()));
     let c = &config["config"];
-    assert_eq!(c["Env"], serde_json::json!(["A=1", "B=3"]));
+    assert_eq!(
+        c["Env"],
+        serde_json::json!([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "A=1",
+            "B=3"
+        ])
+    );
     // ENTRYPOINT resets a CMD inherited from the base image.
     assert_eq!(c["Entrypoint"], serde_json::json!(["child"]));
     assert!(c["Cmd"].is_null(), "{c}");
