@@ -135,6 +135,25 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
 
 pub fn run_ok(c: &mut Command) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("run {c:?}: {e}"));
+    check_ok(c, &out)
+}
+
+/// [`run_ok`] for a peer that runs containers (buildah), run once more when it failed on
+/// runc's transient "sealing memfd copy: Device or resource busy": runc copies its own binary
+/// into a sealed memfd before every container, and the seal fails with EBUSY while another
+/// process still maps the copy writable (seen when buildah builds run side by side). Any other
+/// failure, or the same one twice, fails the test.
+pub fn run_peer_ok(c: &mut Command) -> String {
+    let out = c.output().unwrap_or_else(|e| panic!("run {c:?}: {e}"));
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("sealing memfd copy")
+    {
+        eprintln!("{c:?}: runc's transient memfd sealing error; running it once more");
+        return run_ok(c);
+    }
+    check_ok(c, &out)
+}
+
+fn check_ok(c: &Command, out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{c:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",

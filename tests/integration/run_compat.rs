@@ -447,7 +447,7 @@ impl Peers {
         .args(args)
         .args(["-t", &format!("localhost/{name}:latest")])
         .arg(ctx);
-        run_ok(&mut bud);
+        run_peer_ok(&mut bud);
         let layout = self.env.path(&format!("{name}-buildah-layout"));
         let mut push = Command::new(tool("buildah", "buildah"));
         global(&mut push);
