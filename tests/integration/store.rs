@@ -208,7 +208,14 @@ fn inspect_shows_manifest_config_and_raw_bytes() {
 
     let env_line = env.ok(&["inspect", "app:1", "--format", ".Config.config.Env"]);
     let vars: Value = serde_json::from_str(&env_line).expect("env json");
-    assert_eq!(vars, json!(["A=1", "B=two words"]));
+    assert_eq!(
+        vars,
+        json!([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "A=1",
+            "B=two words"
+        ])
+    );
     let go_style = env.ok(&["inspect", "app:1", "--format", "{{.Digest}}"]);
     assert_eq!(go_style, format!("{digest}\n"));
 
@@ -645,7 +652,13 @@ fn exports_are_read_by_skopeo_and_umoci() {
 
     let from_docker = skopeo_inspect(&format!("docker-archive:{}:app:1", docker.display()));
     assert_eq!(from_docker["Layers"], *diff_ids, "{from_docker:#}");
-    assert_eq!(from_docker["Env"], json!(["A=1"]));
+    assert_eq!(
+        from_docker["Env"],
+        json!([
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "A=1"
+        ])
+    );
     assert_eq!(from_docker["Labels"], json!({"org.example.l": "v"}));
 
     let from_oci = skopeo_inspect(&format!("oci-archive:{}:v1", oci_tar.display()));
