@@ -222,7 +222,10 @@ impl Client {
         } else {
             &self.inner.once
         };
-        let mut reauthenticated = false;
+        // A fresh token refused once is not yet proof of bad credentials: if the request was
+        // retried after a dropped connection, the token may have expired during the backoff
+        // (short-lived tokens). A second fresh token refused is final.
+        let mut fresh_tokens = 0u8;
         let http = self.inner.http.client()?;
         loop {
             let auth = self.inner.auth.header(registry, scopes).await?;
@@ -237,7 +240,7 @@ impl Client {
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
-            if reauthenticated {
+            if fresh_tokens == 2 {
                 self.inner.auth.forget(registry, scopes);
                 return Err(self.inner.auth.refused(registry, scopes));
             }
@@ -251,7 +254,7 @@ impl Client {
                 .auth
                 .challenged(registry, scopes, challenge.as_deref())
                 .await?;
-            reauthenticated = true;
+            fresh_tokens += 1;
         }
     }
 

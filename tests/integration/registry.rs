@@ -513,7 +513,7 @@ pub struct TokenConfig {
     pub anonymous: Vec<String>,
     /// Accepted refresh tokens → the user each belongs to.
     pub refresh_tokens: BTreeMap<String, String>,
-    /// `expires_in` and the `exp` claim.
+    /// `expires_in`; the `exp` claim lets a token live between this and a second more.
     pub lifetime: Duration,
     /// Backdate `exp` by the registry's 60 s clock-skew leeway so that the registry itself
     /// refuses the token once `lifetime` has passed (for refresh-mid-push tests).
@@ -921,7 +921,9 @@ impl TokenShared {
         strict: bool,
     ) -> String {
         let now = now_secs();
-        let mut exp = now + lifetime.as_secs().max(1) as i64;
+        // `now` is whole seconds: one more keeps a token minted late in a second valid for
+        // at least `lifetime` (else it could expire at once, before its first use).
+        let mut exp = now + 1 + lifetime.as_secs().max(1) as i64;
         if strict {
             // distribution accepts a token until exp + 60 s (registry/auth/token Leeway).
             exp -= 60;

@@ -440,11 +440,44 @@ async fn refused_fresh_tokens_are_an_auth_error_without_the_token() {
     assert!(matches!(e, RegistryError::Auth { .. }), "{e}");
     let text = format!("{e} {e:?}");
     assert!(!text.contains("sekrit"), "{text}");
-    // anonymous, then with a fresh token: refused, give up
+    // anonymous, then with two fresh tokens: both refused, give up
     assert_eq!(
         s.requests().iter().filter(|r| r.path() != "/token").count(),
-        2
+        3
     );
+}
+
+#[tokio::test]
+async fn a_fresh_token_refused_once_is_replaced_once() {
+    // The first fresh token is refused (as one that expired during a retry's backoff would
+    // be); the second is accepted.
+    let host = Arc::new(Mutex::new(String::new()));
+    let host2 = host.clone();
+    let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = Server::start(move |req| {
+        if req.path() == "/token" {
+            let n = issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            return Reply::new(200).json(serde_json::json!({ "token": format!("t-{n}") }));
+        }
+        if req.header("authorization") == Some("Bearer t-2") {
+            return manifest_reply();
+        }
+        Reply::new(401).header(
+            "WWW-Authenticate",
+            format!(
+                r#"Bearer realm="http://{}/token",service="svc""#,
+                host2.lock().unwrap()
+            ),
+        )
+    })
+    .await;
+    *host.lock().unwrap() = s.host();
+    client()
+        .get_manifest(&reference(&s, "a/b:v1"))
+        .await
+        .expect("the second fresh token is used");
+    let tokens = s.requests().iter().filter(|r| r.path() == "/token").count();
+    assert_eq!(tokens, 2);
 }
 
 async fn fake_registry(knobs: Knobs) -> (Server, fake::Shared) {
