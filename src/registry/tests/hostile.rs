@@ -371,13 +371,7 @@ async fn basic_credentials_go_to_the_token_realm_and_never_into_errors() {
             seen2.lock().unwrap().push(req.clone());
             return Reply::new(401).body("bad password hunter2-secret? no, never echo");
         }
-        Reply::new(401).header(
-            "WWW-Authenticate",
-            format!(
-                r#"Bearer realm="http://{}/token",service="svc""#,
-                host2.lock().unwrap()
-            ),
-        )
+        bearer_challenge(&host2)
     })
     .await;
     *host.lock().unwrap() = s.host();
@@ -462,13 +456,7 @@ async fn a_fresh_token_refused_once_is_replaced_once() {
         if req.header("authorization") == Some("Bearer t-2") {
             return manifest_reply();
         }
-        Reply::new(401).header(
-            "WWW-Authenticate",
-            format!(
-                r#"Bearer realm="http://{}/token",service="svc""#,
-                host2.lock().unwrap()
-            ),
-        )
+        bearer_challenge(&host2)
     })
     .await;
     *host.lock().unwrap() = s.host();
@@ -478,6 +466,17 @@ async fn a_fresh_token_refused_once_is_replaced_once() {
         .expect("the second fresh token is used");
     let tokens = s.requests().iter().filter(|r| r.path() == "/token").count();
     assert_eq!(tokens, 2);
+}
+
+/// A 401 asking for a Bearer token from `/token` on `host` (filled in once the server runs).
+fn bearer_challenge(host: &Mutex<String>) -> Reply {
+    Reply::new(401).header(
+        "WWW-Authenticate",
+        format!(
+            r#"Bearer realm="http://{}/token",service="svc""#,
+            host.lock().unwrap()
+        ),
+    )
 }
 
 async fn fake_registry(knobs: Knobs) -> (Server, fake::Shared) {
