@@ -421,17 +421,7 @@ fn cancel_kills_a_running_run_step_promptly() {
         "{steps:?}"
     );
 
-    let asked = Instant::now();
-    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let b = serve.wait_final(&id, 60);
-    let took = asked.elapsed();
-    eprintln!("the build was cancelled {took:?} after the DELETE");
-    assert_eq!(b["state"], "cancelled", "{b:#}");
-    assert!(
-        took < Duration::from_secs(10),
-        "not stopped promptly: {took:?}"
-    );
+    let b = cancel_promptly(&serve, &id, 60);
     assert_eq!(b["digest"], Value::Null);
     assert!(
         processes_running(&SLEEP).is_empty(),
@@ -504,17 +494,7 @@ fn cancel_drops_a_running_base_layer_download() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(serve.build(&id)["state"], "running");
 
-    let asked = Instant::now();
-    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let b = serve.wait_final(&id, 120);
-    let took = asked.elapsed();
-    eprintln!("the build was cancelled {took:?} after the DELETE");
-    assert_eq!(b["state"], "cancelled", "{b:#}");
-    assert!(
-        took < Duration::from_secs(10),
-        "not stopped promptly: {took:?}"
-    );
+    cancel_promptly(&serve, &id, 120);
     let events = serve.events(&id);
     assert!(
         !events.iter().any(|(_, _, v)| v["type"] == "built"),
@@ -525,4 +505,21 @@ fn cancel_drops_a_running_base_layer_download() {
     drop(serve);
     assert!(env.names().is_empty());
     env.fsck();
+}
+
+/// `DELETE` the running build `id`; assert it ends `cancelled` within 10 s (waiting up to
+/// `wait_secs` for a final state) and return it.
+fn cancel_promptly(serve: &Serve, id: &str, wait_secs: u64) -> Value {
+    let asked = Instant::now();
+    let r = serve.req("DELETE", &format!("/api/v1/builds/{id}"), b"");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let b = serve.wait_final(id, wait_secs);
+    let took = asked.elapsed();
+    eprintln!("the build was cancelled {took:?} after the DELETE");
+    assert_eq!(b["state"], "cancelled", "{b:#}");
+    assert!(
+        took < Duration::from_secs(10),
+        "not stopped promptly: {took:?}"
+    );
+    b
 }
