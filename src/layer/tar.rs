@@ -244,11 +244,6 @@ impl LayerWriter {
                         level,
                     });
                 }
-                // Fixed 4 MiB jobs: zstd's default (4 × the window, 8 MiB at level 3) leaves one
-                // worker idle for the last job of a layer of tens of MB, and 1 MiB jobs re-load a
-                // 256 KiB overlap each time and compress 4% worse (78 MB app tree: 29.1 MB at
-                // 1 MiB, 27.9 MB at 4 MiB, 27.7 MB at 8 MiB). Job boundaries are a function of
-                // the input only, so the bytes still do not depend on `threads`.
                 let z = ZstdWriter::new(out, level, self.threads)?;
                 Ok(Encoder::Zstd(z))
             }

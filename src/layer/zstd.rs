@@ -24,7 +24,11 @@ use zstd_sys::{
 /// Bytes of compressed output gathered per call before they are written on.
 const OUT_CHUNK: usize = 256 * 1024;
 
-/// Input bytes per worker job (see [`ZstdWriter::new`]).
+/// Input bytes per worker job. zstd's default (4 × the window, 8 MiB at level 3) leaves one
+/// worker idle for the last job of a layer of tens of MB, and 1 MiB jobs re-load a 256 KiB
+/// overlap each time and compress 4% worse (78 MB app tree: 29.1 MB at 1 MiB, 27.9 MB at
+/// 4 MiB, 27.7 MB at 8 MiB). Job boundaries are a function of the input only, so the bytes
+/// do not depend on the number of workers.
 pub(super) const JOB_SIZE: i32 = 4 << 20;
 
 /// An owned compression context; freed on drop.
